@@ -1,0 +1,1 @@
+"""kto-loop: shared configuration and the ``ktoloop`` command line."""

@@ -1,0 +1,72 @@
+"""The ``ktoloop`` command: one table of subcommand groups, each owned by its stage's ``cli`` module.
+
+Handlers are plain functions ``(args, settings) -> int``; the logic lives in the stage packages so the
+Prefect flows call exactly the same functions. Stage modules are imported lazily so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ktoloop.config import load_settings
+from ktoloop.errors import KtoLoopError
+
+# group name -> module with ``add_commands(subparsers)``; order is the order shown in --help.
+COMMAND_MODULES: dict[str, str] = {
+    "broker": "ingest.cli",
+    "ingest": "ingest.cli",
+    "dataset": "flows.dataset_cli",
+    "reference": "training.cli",
+    "train": "training.cli",
+    "reward": "training.cli",
+    "monitor": "monitoring.cli",
+    "evaluate": "monitoring.cli",
+    "models": "flows.cli",
+    "retrain": "flows.cli",
+    "serve": "flows.cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ktoloop", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="TOML config file (default: $KTOLOOP_CONFIG or ./ktoloop.toml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    seen: set[str] = set()
+    for module_name in dict.fromkeys(COMMAND_MODULES.values()):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # a stage not built yet
+            raise
+        module.add_commands(sub)
+        seen.add(module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not args.verbose:
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its retries are noise; we report failures ourselves
+    try:
+        settings = load_settings(args.config)
+        return int(args.func(args, settings) or 0)
+    except KtoLoopError as exc:
+        print(f"ktoloop: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

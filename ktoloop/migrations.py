@@ -1,0 +1,78 @@
+"""Forward-only schema migrations for the DuckDB file: (version, name, SQL). Append; never edit a landed one.
+
+Version numbers are reserved per stage so work can proceed in parallel:
+1 ingestion, 2 datasets, 3 evaluations, 4 model registry, 5+ later.
+"""
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "ingestion", """
+        CREATE TABLE feedback (
+            event_id        VARCHAR PRIMARY KEY,
+            prompt          VARCHAR NOT NULL,
+            response        VARCHAR NOT NULL,
+            label           BOOLEAN NOT NULL,          -- true = thumbs up (desirable)
+            model_version   VARCHAR NOT NULL,          -- the checkpoint that produced the response
+            event_time      TIMESTAMPTZ NOT NULL,
+            prompt_id       VARCHAR,
+            conversation_id VARCHAR,
+            user_id         VARCHAR,
+            source          VARCHAR,
+            metadata        JSON,
+            kafka_topic     VARCHAR NOT NULL,
+            kafka_partition INTEGER NOT NULL,
+            kafka_offset    BIGINT NOT NULL,
+            ingested_at     TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE dead_letters (
+            kafka_topic     VARCHAR NOT NULL,
+            kafka_partition INTEGER NOT NULL,
+            kafka_offset    BIGINT NOT NULL,
+            raw             BLOB,
+            error           VARCHAR NOT NULL,
+            received_at     TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (kafka_topic, kafka_partition, kafka_offset)
+        );
+        -- the landing's source of truth for where to resume (Kafka's committed offsets are for lag only)
+        CREATE TABLE kafka_offsets (
+            consumer_group  VARCHAR NOT NULL,
+            kafka_topic     VARCHAR NOT NULL,
+            kafka_partition INTEGER NOT NULL,
+            next_offset     BIGINT NOT NULL,
+            updated_at      TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (consumer_group, kafka_topic, kafka_partition)
+        );
+        -- per-flush counters, for rates and the rejection rate the monitor reports
+        CREATE TABLE ingest_batches (
+            consumer_group  VARCHAR NOT NULL,
+            landed          INTEGER NOT NULL,
+            duplicates      INTEGER NOT NULL,
+            rejected        INTEGER NOT NULL,
+            flushed_at      TIMESTAMPTZ NOT NULL
+        );
+    """),
+    (3, "evaluations", """
+        -- one row per (run, benchmark, metric): what dashboards and model comparisons read
+        CREATE TABLE evaluations (
+            run_id        VARCHAR NOT NULL,
+            model_id      VARCHAR NOT NULL,
+            adapter       VARCHAR,                 -- peft adapter directory, NULL for a base model
+            suite         VARCHAR NOT NULL,        -- quick | full
+            benchmark     VARCHAR NOT NULL,
+            metric        VARCHAR NOT NULL,
+            value         DOUBLE NOT NULL,
+            n             INTEGER NOT NULL,
+            stderr        DOUBLE,
+            evaluated_at  TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (run_id, benchmark, metric)
+        );
+        -- per-item scores, so a candidate and a reference can be compared on the same items (paired check)
+        CREATE TABLE evaluation_items (
+            run_id        VARCHAR NOT NULL,
+            benchmark     VARCHAR NOT NULL,
+            metric        VARCHAR NOT NULL,
+            item_id       INTEGER NOT NULL,
+            value         DOUBLE NOT NULL,
+            PRIMARY KEY (run_id, benchmark, metric, item_id)
+        );
+    """),
+]

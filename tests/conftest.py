@@ -1,0 +1,59 @@
+"""Shared fixtures: one real Tansu broker for the whole run, the real SmolLM2 tokenizer/model, a tiny model."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from ktoloop.config import BrokerConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CACHE_DIR = Path(os.environ.get("KTOLOOP_CACHE", Path.home() / ".cache" / "ktoloop"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def unused_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory):
+    """A real Kafka-protocol broker (Tansu) on a free loopback port, started once per test session."""
+    from ingest.broker import LocalBroker
+
+    local = LocalBroker(BrokerConfig(port=free_port()), tmp_path_factory.mktemp("broker"))
+    local.start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct materialised once per machine into safetensors (~20 s the first time)."""
+    from training.modeling import materialize_smollm2
+
+    return materialize_smollm2(CACHE_DIR / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 16-wide random Llama with the real SmolLM2 tokenizer and chat template."""
+    from training.modeling import tiny_model_dir as build
+
+    return build(tmp_path_factory.mktemp("tiny") / "model", tokenizer_dir=smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA

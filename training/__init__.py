@@ -1,0 +1,1 @@
+"""Training: pinned reference, KTO / DPO / IPO on LoRA, cached reference log-probs."""
