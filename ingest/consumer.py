@@ -12,6 +12,7 @@ import logging
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kafka import ConsumerRebalanceListener, TopicPartition
@@ -35,6 +36,8 @@ class IngestStats:
     rejected: int = 0
     batches: int = 0
     seconds: float = 0.0
+    busy_seconds: float = 0.0
+    """From the first record received to the end: the landing rate without the group join."""
 
     @property
     def rate(self) -> float:
@@ -73,7 +76,9 @@ class FeedbackIngestor:
         self.decoder = EventDecoder(self.limits)
         self.stop_requested = threading.Event()
         self.stats = IngestStats()
-        self._pending: list = []  # ConsumerRecords not yet landed
+        self._pending: list = []  # ConsumerRecords not yet handed to the writer
+        self._writer: ThreadPoolExecutor | None = None
+        self._in_flight: Future | None = None
         self._consumer = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -96,9 +101,11 @@ class FeedbackIngestor:
         self.store.init()
         clients.ensure_topic(self.kafka)
         consumer = self._consumer = clients.consumer(self.kafka)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktoloop-landing")
         started = time.monotonic()
         next_progress = started + self.limits.progress_every_s
         batch_started = started
+        first_record_at: float | None = None
         try:
             consumer.subscribe([self.kafka.topic], listener=_SeekToStoredOffsets(self))
             while not self.stop_requested.is_set():
@@ -108,6 +115,8 @@ class FeedbackIngestor:
                     self._pending.extend(messages)
                     polled += len(messages)
                 now = time.monotonic()
+                if polled and first_record_at is None:
+                    first_record_at = now
                 if len(self._pending) >= self.limits.batch_max_events or (
                     self._pending and now - batch_started >= self.limits.batch_max_seconds
                 ):
@@ -125,19 +134,48 @@ class FeedbackIngestor:
                     if self._caught_up():
                         break
             self._flush()
+            self._await_landing()
         finally:
-            self.stats.seconds = time.monotonic() - started
+            ended = time.monotonic()
+            self.stats.seconds = ended - started
+            self.stats.busy_seconds = ended - (first_record_at or ended)
+            self._writer.shutdown(wait=True)
             consumer.close(autocommit=False)
             self._consumer = None
         log.info("ingest finished: %s", self.stats)
         return self.stats
 
+    # -- landing: one batch in flight on the writer thread while the next one is polled ----------------
     def _flush(self) -> None:
-        """Validate the pending records, land them with their offsets, then commit those offsets to Kafka."""
+        """Hand the pending records to the writer thread (after the previous batch has landed)."""
         if not self._pending:
             return
+        self._await_landing()
+        records, self._pending = self._pending, []
+        self._in_flight = self._writer.submit(self._decode_and_land, records)
+
+    def _await_landing(self, commit: bool = True) -> None:
+        """Wait for the batch in flight to land, then commit its offsets to Kafka (from the polling thread:
+        kafka-python clients are not thread-safe). A landing error is re-raised here."""
+        if self._in_flight is None:
+            return
+        future, self._in_flight = self._in_flight, None
+        next_offsets = future.result()
+        if not commit:
+            return
+        offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in next_offsets.items()}
+        try:
+            self._consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:  # lag display only; DuckDB already holds the truth
+            log.warning("Kafka offset commit failed (landing is unaffected): %s", exc)
+
+    def _decode_and_land(self, records: list) -> dict[tuple[str, int], int]:
+        """Validate each record at the edge, then land the batch and its offsets in one transaction.
+
+        Runs on the writer thread; DuckDB releases the GIL, so the write overlaps the next poll.
+        """
         batch = Batch()
-        for record in self._pending:
+        for record in records:
             try:
                 batch.events.append(self.decoder.decode(record.value))
                 batch.positions.append((record.topic, record.partition, record.offset))
@@ -146,17 +184,12 @@ class FeedbackIngestor:
             key = (record.topic, record.partition)
             batch.next_offsets[key] = max(batch.next_offsets.get(key, 0), record.offset + 1)
         result = land(self.store, self.kafka.group_id, batch)
-        self._pending.clear()
         self.stats.consumed += len(batch)
         self.stats.landed += result.landed
         self.stats.duplicates += result.duplicates
         self.stats.rejected += result.rejected
         self.stats.batches += 1
-        offsets = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in batch.next_offsets.items()}
-        try:
-            self._consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:  # lag display only; DuckDB already holds the truth
-            log.warning("Kafka offset commit failed (landing is unaffected): %s", exc)
+        return batch.next_offsets
 
     def _caught_up(self) -> bool:
         """No lag on any assigned partition. (Tansu under-reports end offsets, so a quiet poll is also needed.)"""
@@ -181,6 +214,7 @@ class FeedbackIngestor:
 
     # -- rebalance callbacks (inside poll) ------------------------------------------------------------
     def _seek(self, assigned: set[TopicPartition]) -> None:
+        self._await_landing(commit=False)  # stored offsets must include the batch in flight; no commit in here
         stored = stored_offsets(self.store, self.kafka.group_id, self.kafka.topic)
         for tp in assigned:
             if tp.partition in stored:
@@ -191,5 +225,6 @@ class FeedbackIngestor:
                  sorted(tp.partition for tp in assigned), {p: stored.get(p) for p in sorted(stored)})
 
     def _forget(self, revoked: set[TopicPartition]) -> None:
+        self._await_landing(commit=False)
         lost = {(tp.topic, tp.partition) for tp in revoked}
         self._pending = [r for r in self._pending if (r.topic, r.partition) not in lost]

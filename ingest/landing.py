@@ -16,6 +16,8 @@ from ingest.schema import EVENT_COLUMNS, FeedbackEvent
 from ktoloop.store import Store
 
 UTC = dt.timezone.utc
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
+MICROSECOND = dt.timedelta(microseconds=1)
 
 _FEEDBACK_SCHEMA = {
     "event_id": pl.String, "prompt": pl.String, "response": pl.String, "label": pl.Boolean,
@@ -51,9 +53,12 @@ class LandResult:
 
 def _events_frame(batch: Batch) -> pl.DataFrame:
     columns = {name: [getattr(e, name) for e in batch.events] for name in EVENT_COLUMNS}
+    # Python datetimes cost ~4 us each to convert; integer microseconds cost ~0.3 us and are exact.
+    columns["event_time"] = [(e.event_time - EPOCH) // MICROSECOND for e in batch.events]
     topics, partitions, offsets = zip(*batch.positions) if batch.positions else ((), (), ())
     columns.update(kafka_topic=list(topics), kafka_partition=list(partitions), kafka_offset=list(offsets))
-    return pl.DataFrame(columns, schema=_FEEDBACK_SCHEMA)
+    frame = pl.DataFrame(columns, schema={**_FEEDBACK_SCHEMA, "event_time": pl.Int64})
+    return frame.with_columns(pl.col("event_time").cast(_FEEDBACK_SCHEMA["event_time"]))
 
 
 def land(store: Store, group: str, batch: Batch) -> LandResult:

@@ -15,7 +15,6 @@ Decoding uses msgspec: one C pass validates types and size limits, ~1 µs per ev
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
@@ -40,8 +39,9 @@ class InvalidEvent(ValueError):
     """The message cannot become a feedback event; the text names the field and the problem."""
 
 
-@dataclass(frozen=True)
-class FeedbackEvent:
+class FeedbackEvent(msgspec.Struct, frozen=True):
+    """A validated event. (A msgspec Struct: ~5x cheaper to build than a dataclass on the hot path.)"""
+
     event_id: str
     prompt: str
     response: str

@@ -72,7 +72,7 @@ class BrokerConfig:
 class IngestConfig:
     """Micro-batching and validation limits for the consumer."""
 
-    batch_max_events: int = 5000
+    batch_max_events: int = 10_000
     batch_max_seconds: float = 1.0
     max_message_bytes: int = 262_144
     max_text_chars: int = 32_000

@@ -1,0 +1,36 @@
+"""TrainConfig: validated in __post_init__, loaded from [training], errors name the field."""
+
+import dataclasses
+
+import pytest
+
+from ktoloop.config import ConfigError, load_settings, load_section
+from training.config import TrainConfig
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("method", "orpo", "training.method"), ("beta", 0.0, "training.beta"), ("batch_size", 0, "training.batch_size"),
+    ("lora_dropout", 1.0, "training.lora_dropout"), ("device", "tpu", "training.device"),
+    ("max_prompt_length", 600, "max_prompt_length"), ("warmup_steps", -1, "training.warmup_steps"),
+])
+def test_invalid_values_named(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_epochs_or_steps_required_and_replace_revalidates():
+    with pytest.raises(ConfigError, match="epochs and training.max_steps"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="training.beta"):
+        dataclasses.replace(TrainConfig(), beta=-1.0)
+
+
+def test_loaded_from_toml_section(tmp_path):
+    cfg = tmp_path / "k.toml"
+    cfg.write_text('[training]\nmethod = "dpo"\nbeta = 0.3\nlora_target_modules = ["q_proj"]\n')
+    config = load_section(load_settings(cfg), "training", TrainConfig)
+    assert (config.method, config.beta, config.lora_target_modules) == ("dpo", 0.3, ("q_proj",))
+    assert config.fingerprint() != TrainConfig().fingerprint()
+    cfg.write_text('[training]\nbeta_typo = 0.3\n')
+    with pytest.raises(ConfigError, match=r"beta_typo.*\[training\]"):
+        load_section(load_settings(cfg), "training", TrainConfig)

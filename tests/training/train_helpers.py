@@ -1,0 +1,65 @@
+"""Hand-made snapshots for training tests, written in the format ktoloop/snapshot.py reads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import polars as pl
+
+from ktoloop.snapshot import KTO_COLUMNS, MANIFEST, PAIR_COLUMNS, Manifest, load_snapshot
+
+TOPICS = ["the sky", "rivers", "bread", "chess", "the moon", "tea", "bicycles", "music", "rain", "glass",
+          "owls", "maps", "salt", "clocks", "snow", "paper", "bees", "trains", "stars", "soap",
+          "ice", "wolves", "ink", "kites"]
+
+
+def write_snapshot(root: Path, snapshot_id: str = "snap-test", *, kto_train: list[dict] | None = None,
+                   kto_eval: list[dict] | None = None, pairs_train: list[dict] | None = None,
+                   pairs_eval: list[dict] | None = None, model_version: str = "tiny-v1",
+                   kto_weights: dict | None = None):
+    """Write Parquet splits + manifest.json under ``root/snapshot_id`` and load it back."""
+    path = root / snapshot_id
+    path.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    splits = {"kto_train": (kto_train, KTO_COLUMNS), "kto_eval": (kto_eval, KTO_COLUMNS),
+              "pairs_train": (pairs_train, PAIR_COLUMNS), "pairs_eval": (pairs_eval, PAIR_COLUMNS)}
+    for name, (rows, schema) in splits.items():
+        rows = [{**r, "prompt_key": r.get("prompt_key", hashlib.md5(r["prompt"].encode()).hexdigest())}
+                for r in rows or []]
+        frame = pl.DataFrame(rows, schema=schema)
+        frame.write_parquet(path / f"{name}.parquet")
+        digest.update(name.encode() + json.dumps(frame.to_dicts(), sort_keys=True).encode())
+    manifest = Manifest(snapshot_id=snapshot_id, content_sha256=digest.hexdigest(), model_version=model_version,
+                        kto_weights=kto_weights or {"desirable": 1.0, "undesirable": 1.0},
+                        decision={"method": "kto", "train": True})
+    (path / MANIFEST).write_text(manifest.to_json())
+    return load_snapshot(path)
+
+
+def good(topic: str) -> str:
+    return f"Sure! Here is a short, friendly note about {topic}. I hope it helps."
+
+
+def bad(topic: str) -> str:
+    return f"no. {topic} is boring, ask someone else"
+
+
+def kto_rows(topics: list[str]) -> list[dict]:
+    rows = []
+    for t in topics:
+        rows.append({"prompt": f"Tell me about {t}.", "completion": good(t), "label": True})
+        rows.append({"prompt": f"Tell me about {t}.", "completion": bad(t), "label": False})
+    return rows
+
+
+def pair_rows(topics: list[str]) -> list[dict]:
+    return [{"prompt": f"Tell me about {t}.", "chosen": good(t), "rejected": bad(t)} for t in topics]
+
+
+def toy_snapshot(root: Path, snapshot_id: str = "toy", model_version: str = "tiny-v1", **kw):
+    """16 train topics, 8 held-out topics, both formats."""
+    train, held = TOPICS[:16], TOPICS[16:]
+    return write_snapshot(root, snapshot_id, kto_train=kto_rows(train), kto_eval=kto_rows(held),
+                          pairs_train=pair_rows(train), pairs_eval=pair_rows(held), model_version=model_version, **kw)

@@ -1,0 +1,123 @@
+"""``ktoloop reference ...`` and ``ktoloop train``: thin handlers over training.reference / training.trainer.
+
+Locations: pins under ``<home>/references/<name>/``, runs under ``<home>/models/<run_id>/``, the reference
+log-prob cache under ``<home>/cache/``. torch is imported inside handlers so ``ktoloop --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+
+from ktoloop.config import ConfigError, Settings, load_section
+from training.config import METHODS, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(subparsers) -> None:
+    ref = subparsers.add_parser("reference", help="pin and inspect reference models")
+    ref_sub = ref.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
+    pin = ref_sub.add_parser("pin", help="hash a model directory and pin it as a reference")
+    pin.add_argument("path", help="HF model directory (config.json, weights, tokenizer)")
+    pin.add_argument("--model-version", required=True, help="the model version that served the responses")
+    pin.add_argument("--name", default="", help="pin name (default: the model version)")
+    pin.set_defaults(func=cmd_pin)
+    mat = ref_sub.add_parser("materialize-smollm2", help="de-quantise SmolLM2-135M-Instruct (GGUF) and pin it")
+    mat.add_argument("--out", default=None, help="model directory (default: <home>/references/<version>/model)")
+    mat.add_argument("--model-version", default=None, help="default: smollm2-135m-instruct-q4_1")
+    mat.set_defaults(func=cmd_materialize)
+    show = ref_sub.add_parser("show", help="list pinned references")
+    show.add_argument("--verify", action="store_true", help="re-hash every file")
+    show.set_defaults(func=cmd_show)
+
+    train = subparsers.add_parser("train", help="train a KTO/DPO/IPO adapter on a dataset snapshot")
+    train.add_argument("--snapshot", required=True, help="snapshot id (under <home>/snapshots) or directory")
+    train.add_argument("--method", choices=METHODS, help="default: [training].method")
+    train.add_argument("--beta", type=float)
+    train.add_argument("--sweep-beta", default="", help="comma-separated betas, e.g. 0.05,0.1,0.3")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--grad-accumulation-steps", type=int)
+    train.add_argument("--full-finetune", action="store_true", default=None)
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--reference", help="pinned reference name (default: the snapshot's model version)")
+    train.add_argument("--run-id", default="", help="default: <method>-<snapshot>-<config hash>")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.set_defaults(func=cmd_train)
+
+
+def cmd_pin(args: argparse.Namespace, settings: Settings) -> int:
+    from training.reference import pin_reference
+
+    ref = pin_reference(args.path, args.model_version, settings.home_dir, name=args.name)
+    print(f"pinned {ref.name}: {ref.model_version} at {ref.path} ({len(ref.files)} files, sha256 {ref.sha256[:16]})")
+    return 0
+
+
+def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
+    from training.reference import DEFAULT_MODEL_VERSION, materialize_default
+
+    ref = materialize_default(settings.home_dir, args.model_version or DEFAULT_MODEL_VERSION, args.out)
+    print(f"pinned {ref.name}: {ref.model_version} at {ref.path} (sha256 {ref.sha256[:16]})")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from training.reference import list_references
+
+    refs = list_references(settings.home_dir)
+    if not refs:
+        print(f"no pinned references under {settings.home_dir / 'references'}")
+    for ref in refs:
+        if args.verify:
+            ref.verify()
+        print(f"{ref.name}\t{ref.model_version}\t{ref.sha256[:16]}\t{ref.path}" + ("\tverified" if args.verify else ""))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from ktoloop.snapshot import load_snapshot
+    from training.reference import reference_for_snapshot
+    from training.trainer import train, train_sweep
+
+    config = train_config(args, settings)
+    snapshot = load_snapshot(args.snapshot, settings.home_dir)
+    reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir, config.reference)
+    betas = parse_betas(args.sweep_beta)
+    run_id = args.run_id or f"{config.method}-{snapshot.manifest.snapshot_id}-{config.fingerprint()}" + (
+        f"-sweep{len(betas)}" if betas else "")
+    out_dir = settings.home_dir / "models" / run_id
+    cache_dir = settings.home_dir / "cache"
+    log.info("training %s on snapshot %s against %s -> %s", config.method, snapshot.manifest.snapshot_id,
+             reference.name, out_dir)
+    if betas:
+        result = train_sweep(config, snapshot, reference, out_dir, betas, cache_dir=cache_dir, resume=args.resume)
+    else:
+        result = train(config, snapshot, reference, out_dir, cache_dir=cache_dir, resume=args.resume)
+    print(json.dumps({"run_id": run_id, "out_dir": str(result.out_dir), "eval": result.eval,
+                      "best_beta": result.meta.get("best_beta")}, indent=2))
+    return 0
+
+
+def train_config(args: argparse.Namespace, settings: Settings) -> TrainConfig:
+    """``[training]`` from the TOML file, overridden by the flags given on the command line."""
+    config = load_section(settings, "training", TrainConfig)
+    overrides = {name: getattr(args, name) for name in ("method", "beta", "lr", "epochs", "max_steps", "batch_size",
+                                                        "grad_accumulation_steps", "full_finetune", "device",
+                                                        "reference") if getattr(args, name, None) is not None}
+    return dataclasses.replace(config, **overrides)
+
+
+def parse_betas(text: str) -> list[float]:
+    try:
+        betas = [float(b) for b in text.split(",") if b.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--sweep-beta must be comma-separated numbers, got {text!r}") from exc
+    if any(b <= 0 for b in betas):
+        raise ConfigError(f"--sweep-beta values must be > 0, got {text!r}")
+    return betas

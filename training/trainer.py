@@ -1,0 +1,403 @@
+"""One trainer for every preference loss: LoRA (or full fine-tuning), cached reference log-probs, resumable.
+
+Public functions (the flows call these; the CLI is a thin layer over them):
+
+    train(config, snapshot, reference, out_dir, *, cache_dir=None, resume=False) -> TrainResult
+        Trains ``config.method`` on ``snapshot``'s train split and writes to ``out_dir``: a peft adapter
+        (``PeftModel.from_pretrained(base, out_dir)``; full fine-tuning writes a whole HF model instead),
+        ``training_meta.json`` (resolved config, snapshot and reference hashes, metrics, held-out score) and
+        ``metrics.jsonl`` (one line per optimizer step). Refuses a reference whose files changed or whose
+        model_version differs from the snapshot's. Under torchrun every rank calls it; rank 0 writes.
+    train_sweep(config, snapshot, reference, out_dir, betas, *, cache_dir=None, resume=False) -> TrainResult
+        One run per beta under ``out_dir/beta-<b>/``, each scored on the eval split; the best is copied to
+        ``out_dir`` and every score is recorded in its metadata under "sweep".
+    evaluate_preference(model, tokenizer, snapshot, reference, config, *, cache_dir, split="eval")
+        -> PreferenceScore   (in training.evaluate: held-out loss and reward accuracy)
+
+The step (``train_step``) is one forward+backward per micro-batch, plus one no-grad forward for KTO's z.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ktoloop.errors import KtoLoopError
+from ktoloop.snapshot import Snapshot
+from training.config import TrainConfig
+from training.data import Encoded, encode_snapshot, collate, mismatched
+from training.evaluate import PreferenceScore, evaluate_preference, fill_reference, has_split, reference_cache
+from training.logprobs import ReferenceCache, autocast, sequence_logps
+from training.losses import LOSSES, BatchInfo, Method
+from training.reference import Reference
+
+META_FILE = "training_meta.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    meta: dict
+
+    @property
+    def eval(self) -> dict | None:
+        return self.meta.get("eval")
+
+
+@dataclass
+class Context:
+    """Where and how this process trains: the pieces the step needs besides the model and the data."""
+
+    device: torch.device
+    rank: int
+    world: int
+    pad_id: int
+    examples_per_step: int  # global: batch_size x grad_accumulation_steps x world
+    weights: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------------------- the step
+
+def train_step(model, optimizer, scheduler, micro_batches, data: Encoded, ref: ReferenceCache, method: Method,
+               config: TrainConfig, ctx: Context) -> dict:
+    """One optimizer step over ``grad_accumulation_steps`` micro-batches; returns globally-averaged metrics."""
+    model.train()
+    stats = torch.zeros(9, dtype=torch.float64)
+    for rows, kl_pairs in micro_batches:
+        pairs = data.sequences(rows)
+        batch = collate(data, pairs, ctx.pad_id, ctx.device)
+        info = BatchInfo(lengths=batch.lengths, desirable_weight=ctx.weights["desirable"],
+                         undesirable_weight=ctx.weights["undesirable"])
+        if data.desirable:
+            info.desirable = torch.tensor([data.desirable[r] for r in rows], device=ctx.device)
+        with autocast(ctx.device):
+            policy = sequence_logps(model, batch)
+            if method.uses_kl:
+                with torch.no_grad():
+                    info.kl_policy_logps = sequence_logps(model, collate(data, kl_pairs, ctx.pad_id, ctx.device))
+                info.kl_reference_logps = ref.get(kl_pairs, ctx.device)
+        out = method.loss(policy, ref.get(pairs, ctx.device), info, config.beta)
+        (out.losses.sum() / ctx.examples_per_step).backward()
+        stats += torch.tensor([out.losses.sum().item(), len(out.losses),
+                               out.chosen_rewards.sum().item(), len(out.chosen_rewards),
+                               out.rejected_rewards.sum().item(), len(out.rejected_rewards),
+                               out.correct.sum().item(), out.metrics.get("kl", 0.0), 1.0], dtype=torch.float64)
+    _sum_gradients(model, ctx.world)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               config.max_grad_norm or float("inf"))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return _step_metrics(stats, ctx, grad_norm, lr)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path, *,
+          cache_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+    """Train one model; see the module docstring. Returns the metadata also written to training_meta.json."""
+    out_dir = Path(out_dir)
+    if (out_dir / META_FILE).is_file():
+        if resume:
+            return TrainResult(out_dir, json.loads((out_dir / META_FILE).read_text()))
+        raise KtoLoopError(f"{out_dir} already holds a finished run; use --resume to reuse it or another --run-id")
+    reference.check_version(snapshot.manifest.model_version)
+    reference.verify()
+    method = LOSSES[config.method]
+    device, rank, world = _setup_processes(config)
+    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    started = time.time()
+
+    from training.modeling import load_model  # heavy imports stay out of `ktoloop --help`
+
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(reference.path, device=device)
+    data = encode_snapshot(snapshot, "train", tokenizer, method.paired, config.max_length, config.max_prompt_length)
+    plan = _plan(data.n, config, world, method.uses_kl)
+    weights = {k: float((snapshot.manifest.kto_weights or {}).get(k, 1.0)) for k in ("desirable", "undesirable")}
+    ctx = Context(device, rank, world, tokenizer.pad_token_id,
+                  config.batch_size * config.grad_accumulation_steps * world, weights)
+
+    # Reference log-probs for every sequence the run (and its held-out scoring) will see, before any update.
+    has_eval = has_split(snapshot, method.paired, "eval")
+    ref = reference_cache(snapshot, reference, config, "train", device, cache_dir)
+    if rank == 0:
+        ref.fill(model, data, plan.all_pairs(data), ctx.pad_id, device, max(config.batch_size, 8))
+        if has_eval:
+            fill_reference(model, tokenizer, snapshot, reference, config, "eval", cache_dir)
+    if world > 1:
+        dist.barrier()
+        ref = reference_cache(snapshot, reference, config, "train", device, cache_dir)  # re-read rank 0's file
+
+    model = _trainable(model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, plan.total_steps))
+    torch.manual_seed(config.seed + rank)  # dropout streams; the LoRA init above is identical on every rank
+    start = _load_checkpoint(out_dir, model, optimizer, scheduler, config) if resume else 0
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(out_dir / METRICS_FILE, start)
+
+    for step in range(start, plan.total_steps):
+        t0 = time.perf_counter()
+        metrics = train_step(model, optimizer, scheduler, plan.step(step, rank), data, ref, method, config, ctx)
+        metrics.update(step=step + 1, epoch=plan.epoch(step), seconds=round(time.perf_counter() - t0, 4))
+        if rank == 0:
+            with (out_dir / METRICS_FILE).open("a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < plan.total_steps:
+            _save_checkpoint(out_dir, step + 1, model, optimizer, scheduler, config, rank)
+
+    score = None
+    if has_eval:
+        score = evaluate_preference(model, tokenizer, snapshot, reference, config, cache_dir=cache_dir)
+    meta = _meta(config, snapshot, reference, plan, world, started, score, out_dir)
+    if rank == 0:
+        _save_model(model, tokenizer, config, out_dir)
+        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if world > 1:
+        dist.barrier()
+    return TrainResult(out_dir, meta)
+
+
+def train_sweep(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path,
+                betas: list[float], *, cache_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+    """Train one run per beta, keep the best held-out reward accuracy (ties: lower held-out loss), record all."""
+    out_dir = Path(out_dir)
+    if not betas:
+        raise KtoLoopError("--sweep-beta lists no beta")
+    if not has_split(snapshot, LOSSES[config.method].paired, "eval"):
+        raise KtoLoopError(f"snapshot {snapshot.manifest.snapshot_id} has no eval split to choose a beta with")
+    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    runs = []
+    for beta in betas:
+        result = train(dataclasses.replace(config, beta=beta), snapshot, reference, out_dir / f"beta-{beta:g}",
+                       cache_dir=cache_dir, resume=resume)
+        runs.append({"beta": beta, "dir": str(result.out_dir), "eval": result.eval})
+    best = max(runs, key=lambda r: (r["eval"]["accuracy"], -r["eval"]["loss"]))
+    meta = json.loads((Path(best["dir"]) / META_FILE).read_text())
+    meta.update(sweep=runs, best_beta=best["beta"])
+    if _rank() == 0:
+        for file in Path(best["dir"]).iterdir():
+            if file.is_file() and file.name != META_FILE:
+                shutil.copy2(file, out_dir / file.name)
+        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return TrainResult(out_dir, meta)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+@dataclass
+class Plan:
+    """Which examples each process sees at each step: a fresh seeded permutation per epoch, global
+    micro-batches cut from it, each process taking its slice; KTO's mismatched pairs are cut from the
+    *global* micro-batch, so z is the same with 1 or N processes."""
+
+    n: int
+    config: TrainConfig
+    world: int
+    uses_kl: bool
+    steps_per_epoch: int
+    total_steps: int
+
+    def epoch(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def global_micro_batches(self, step: int) -> list[list[int]]:
+        size = self.config.batch_size * self.world
+        order, first = self.order(self.epoch(step)), (step % self.steps_per_epoch) * self.config.grad_accumulation_steps
+        return [order[(first + k) * size: (first + k + 1) * size] for k in range(self.config.grad_accumulation_steps)]
+
+    def step(self, step: int, rank: int) -> list[tuple[list[int], list]]:
+        lo, hi = rank * self.config.batch_size, (rank + 1) * self.config.batch_size
+        return [(rows[lo:hi], mismatched(rows)[lo:hi] if self.uses_kl else [])
+                for rows in self.global_micro_batches(step)]
+
+    def all_pairs(self, data: Encoded) -> list:
+        pairs = data.sequences(list(range(self.n)))
+        if self.uses_kl:
+            for step in range(self.total_steps):
+                for rows in self.global_micro_batches(step):
+                    pairs += mismatched(rows)
+        return pairs
+
+
+def _plan(n: int, config: TrainConfig, world: int, uses_kl: bool) -> Plan:
+    global_batch = config.batch_size * config.grad_accumulation_steps * world
+    if uses_kl and config.batch_size * world < 2:
+        raise KtoLoopError("training.batch_size x processes must be >= 2 for KTO: z needs mismatched pairs")
+    steps_per_epoch = n // global_batch
+    if steps_per_epoch == 0:
+        raise KtoLoopError(f"the train split has {n} examples, fewer than one global batch ({global_batch} = "
+                           f"training.batch_size x grad_accumulation_steps x {world} processes)")
+    total = config.max_steps or config.epochs * steps_per_epoch
+    return Plan(n, config, world, uses_kl, steps_per_epoch, total)
+
+
+def _trainable(model, config: TrainConfig):
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.full_finetune:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def _setup_processes(config: TrainConfig) -> tuple[torch.device, int, int]:
+    """(device, rank, world); joins the torchrun process group (gloo on CPU, nccl on CUDA) when launched so."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise KtoLoopError("training.device is 'cuda' but no CUDA device is available")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _sum_gradients(model, world: int) -> None:
+    """Each rank's loss is already divided by the global batch, so summing gradients gives the global mean."""
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _step_metrics(stats: torch.Tensor, ctx: Context, grad_norm: torch.Tensor, lr: float) -> dict:
+    if ctx.world > 1:
+        stats = stats.to(ctx.device)  # NCCL reduces CUDA tensors only
+        dist.all_reduce(stats)
+    loss, n, chosen, n_chosen, rejected, n_rejected, correct, kl, micro = stats.tolist()
+    chosen_mean = chosen / n_chosen if n_chosen else float("nan")
+    rejected_mean = rejected / n_rejected if n_rejected else float("nan")
+    return {"loss": loss / n, "rewards/chosen": chosen_mean, "rewards/rejected": rejected_mean,
+            "rewards/margin": chosen_mean - rejected_mean, "rewards/accuracy": correct / n, "kl": kl / micro,
+            "grad_norm": float(grad_norm), "lr": lr}
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, config: TrainConfig, rank: int) -> None:
+    if rank == 0:
+        root = out_dir / CHECKPOINTS
+        final = root / f"step-{step:06d}"
+        tmp = root / f".step-{step:06d}.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save({"step": step, "config": config.fingerprint(), "trainable": _trainable_state(model),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   tmp / "state.pt")
+        tmp.rename(final)
+        for old in sorted(root.glob("step-*"))[: -config.keep_checkpoints]:
+            shutil.rmtree(old)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _load_checkpoint(out_dir: Path, model, optimizer, scheduler, config: TrainConfig) -> int:
+    """Restore the latest checkpoint (weights, optimizer, schedule, RNG); 0 when there is none."""
+    found = sorted((out_dir / CHECKPOINTS).glob("step-*"))
+    if not found:
+        return 0
+    state = torch.load(found[-1] / "state.pt", weights_only=False)
+    if state["config"] != config.fingerprint():
+        raise KtoLoopError(f"checkpoint {found[-1]} was written with another training config "
+                           f"({state['config']} != {config.fingerprint()}); resume with the same config")
+    params = dict(model.named_parameters())
+    missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
+    if missing:
+        raise KtoLoopError(f"checkpoint {found[-1]} does not match this model/config (e.g. {sorted(missing)[0]}); "
+                           f"start a fresh run instead of --resume")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the lines of steps after the checkpoint (they will be recomputed)."""
+    if not path.is_file():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(l + "\n" for l in lines))
+
+
+def _save_model(model, tokenizer, config: TrainConfig, out_dir: Path) -> None:
+    model.save_pretrained(out_dir)
+    if config.full_finetune:
+        tokenizer.save_pretrained(out_dir)  # a whole model: loadable on its own
+
+
+def _meta(config, snapshot, reference, plan, world, started, score: PreferenceScore | None, out_dir: Path) -> dict:
+    lines = (out_dir / METRICS_FILE).read_text().splitlines() if (out_dir / METRICS_FILE).is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {
+        "config": config.to_dict(),
+        "config_fingerprint": config.fingerprint(),
+        "adapter": "full" if config.full_finetune else "lora",
+        "snapshot": {"id": snapshot.manifest.snapshot_id, "content_sha256": snapshot.manifest.content_sha256,
+                     "model_version": snapshot.manifest.model_version, "kto_weights": snapshot.manifest.kto_weights},
+        "reference": {"name": reference.name, "model_version": reference.model_version, "path": reference.path,
+                      "sha256": reference.sha256},
+        "steps": plan.total_steps, "examples": plan.n, "processes": world,
+        "final_train_metrics": last,
+        "eval": dataclasses.asdict(score) if score else None,
+        "seconds": round(time.time() - started, 2),
+        "versions": {"torch": torch.__version__, **_lib_versions()},
+    }
+
+
+def _lib_versions() -> dict:
+    import peft
+    import transformers
+
+    return {"transformers": transformers.__version__, "peft": peft.__version__}
