@@ -18,7 +18,7 @@ from ktoloop.errors import KtoLoopError
 COMMAND_MODULES: dict[str, str] = {
     "broker": "ingest.cli",
     "ingest": "ingest.cli",
-    "dataset": "flows.dataset_cli",
+    "dataset": "flows.cli",
     "reference": "training.cli",
     "train": "training.cli",
     "reward": "training.cli",

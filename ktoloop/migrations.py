@@ -50,6 +50,21 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             flushed_at      TIMESTAMPTZ NOT NULL
         );
     """),
+    (2, "datasets", """
+        -- one row per snapshot; the files and manifest live under <home>/snapshots/<snapshot_id>/
+        CREATE TABLE datasets (
+            snapshot_id     VARCHAR PRIMARY KEY,     -- ds-<first 12 hex of content_sha256>
+            content_sha256  VARCHAR NOT NULL,
+            model_version   VARCHAR NOT NULL,
+            path            VARCHAR NOT NULL,
+            counts          JSON NOT NULL,
+            decision        JSON NOT NULL,           -- the method decision with its reasons
+            kto_weights     JSON NOT NULL,
+            params          JSON NOT NULL,
+            watermark       JSON NOT NULL,           -- Kafka offsets and max(ingested_at) when it was read
+            created_at      TIMESTAMPTZ NOT NULL
+        );
+    """),
     (3, "evaluations", """
         -- one row per (run, benchmark, metric): what dashboards and model comparisons read
         CREATE TABLE evaluations (

@@ -108,23 +108,20 @@ class Store:
             pass
 
 
-def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+def applied_versions(con: duckdb.DuckDBPyConnection) -> set[int]:
     con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name VARCHAR, "
                 "applied_at TIMESTAMPTZ DEFAULT current_timestamp)")
-    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
-    return int(row[0]) if row else 0
+    return {int(v) for (v,) in con.execute("SELECT version FROM schema_version").fetchall()}
 
 
-def migrate(con: duckdb.DuckDBPyConnection) -> int:
-    """Apply the forward migrations this file has not seen yet; returns the resulting version."""
-    current = schema_version(con)
-    for version, name, sql in MIGRATIONS:
-        if version <= current:
+def migrate(con: duckdb.DuckDBPyConnection) -> None:
+    """Apply, in version order, each forward migration this file has not seen yet (one transaction each)."""
+    applied = applied_versions(con)
+    for version, name, sql in sorted(MIGRATIONS):
+        if version in applied:
             continue
         con.execute("BEGIN TRANSACTION")
         con.execute(sql)
         con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name])
         con.execute("COMMIT")
         log.info("DuckDB schema migrated to version %d (%s)", version, name)
-        current = version
-    return current

@@ -1,0 +1,114 @@
+"""``ktoloop dataset ...`` (and, with the loop, ``models``, ``retrain``, ``serve``): thin handlers."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from pathlib import Path
+
+from ktoloop.config import Settings, load_section
+from ktoloop.errors import KtoLoopError
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    dataset = sub.add_parser("dataset", help="build and inspect training snapshots")
+    dataset_sub = dataset.add_subparsers(dest="action", required=True)
+    build = dataset_sub.add_parser("build", help="build a snapshot from landed feedback and decide the method")
+    build.add_argument("--model-version", help="default: the pinned reference's model version")
+    build.add_argument("--since", type=_time, help="event_time lower bound (ISO 8601, inclusive)")
+    build.add_argument("--until", type=_time, help="event_time upper bound (ISO 8601, exclusive)")
+    build.add_argument("--method", choices=["kto", "dpo", "ipo", "ppo"], help="force a method (must be eligible)")
+    build.add_argument("--holdout", type=float, help="share of prompts held out (default from [dataset])")
+    build.set_defaults(func=_build)
+    show = dataset_sub.add_parser("show", help="counts, balance, noise and the decision of a snapshot")
+    show.add_argument("snapshot_id")
+    show.set_defaults(func=_show)
+    dataset_sub.add_parser("list", help="snapshots recorded in DuckDB").set_defaults(func=_list)
+
+
+def _time(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def resolve_model_version(home: Path, requested: str | None) -> str:
+    """The version to train from must be a pinned reference's: the feedback must be on that model's answers."""
+    from training.reference import list_references
+
+    pinned = sorted({r.model_version for r in list_references(home)})
+    if requested is None:
+        if len(pinned) != 1:
+            raise KtoLoopError(f"pass --model-version (pinned reference versions: {pinned or 'none'}; pin one "
+                               "with `ktoloop reference materialize-smollm2`)")
+        return pinned[0]
+    if requested not in pinned:
+        raise KtoLoopError(f"model version {requested!r} has no pinned reference (pinned: {pinned or 'none'}); "
+                           "datasets are built only for the version of a pinned reference")
+    return requested
+
+
+def dataset_config(settings: Settings):
+    from flows.dataset import DatasetConfig
+
+    return load_section(settings, "dataset", DatasetConfig)
+
+
+def _build(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+
+    from flows.dataset import build_dataset
+    from ktoloop.store import Store
+
+    config = dataset_config(settings)
+    if args.holdout is not None:
+        config = dataclasses.replace(config, holdout_fraction=args.holdout)
+    version = resolve_model_version(settings.home_dir, args.model_version)
+    result = build_dataset(Store(settings.db_path, settings.store.lock_timeout_s), settings.home_dir, config,
+                           version, since=args.since, until=args.until, force_method=args.method)
+    print(f"snapshot {result.snapshot.manifest.snapshot_id} ({'reused' if result.reused else 'built'} in "
+          f"{result.seconds:.1f} s) at {result.snapshot.path}")
+    _print_summary(result.snapshot.manifest)
+    return 0
+
+
+def _show(args: argparse.Namespace, settings: Settings) -> int:
+    from ktoloop.snapshot import load_snapshot
+
+    _print_summary(load_snapshot(args.snapshot_id, settings.home_dir).manifest)
+    return 0
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.dataset import list_datasets
+    from ktoloop.store import Store
+
+    print(list_datasets(Store(settings.db_path, settings.store.lock_timeout_s)))
+    return 0
+
+
+def _print_summary(m) -> None:
+    c, d = m.counts, m.decision
+    up, down = c["kto_train_desirable"], c["kto_train_undesirable"]
+    print(f"model version {m.model_version}; content sha256 {m.content_sha256}")
+    print(f"events in window {c['events_in_window']}, other model versions excluded {c['excluded_other_versions']}, "
+          f"duplicates collapsed {c['duplicates_collapsed']}")
+    print(f"answers {c['answers']}, conflicts (label noise) {c['conflicts']} = {d['noise_rate']:.2%}")
+    print(f"KTO train: {up} up / {down} down (balance {up / max(1, up + down):.1%} up); "
+          f"eval: {c['kto_eval_desirable']} up / {c['kto_eval_undesirable']} down; "
+          f"prompts {c['prompts']} ({c['prompts_eval']} held out)")
+    print(f"same-prompt pairs: train {c['pairs_train']}, eval {c['pairs_eval']} from {c['prompts_with_pairs']} prompts")
+    w = m.kto_weights
+    print(f"KTO weights: lambda_D {w['desirable']:.3f}, lambda_U {w['undesirable']:.3f} "
+          f"(lambda_D*n_D / lambda_U*n_U = {w['ratio']:.3f})")
+    verdict = f"train with {d['method'].upper()}" if d["train"] else "NO TRAINING"
+    print(f"decision: {verdict}")
+    for line in d["reasons"]:
+        print(f"  - {line}")
+    for line in d["warnings"]:
+        print(f"  ! {line}")
+    for method, e in sorted(d["eligibility"].items()):
+        print(f"  {method}: {'eligible' if e['eligible'] else 'not eligible: ' + e['reason']}")
+

@@ -1,0 +1,250 @@
+"""Build a training snapshot from landed feedback: clean, split by prompt, pair same-prompt answers, weigh, decide.
+
+All set work is DuckDB SQL over one read-only connection (a consistent view; the consumer's writes wait
+for it). The output is Parquet plus a manifest (see ``ktoloop.snapshot``) whose id is the hash of the
+content, so building twice from the same data yields the same snapshot and the trainers can reuse work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flows.eligibility import DataStats, Decision, GateConfig, decide
+from ktoloop.config import ConfigError
+from ktoloop.errors import KtoLoopError
+from ktoloop.snapshot import MANIFEST, Manifest, Snapshot, load_snapshot, snapshots_dir
+from ktoloop.store import Store
+
+log = logging.getLogger(__name__)
+
+KTO_LOWER, KTO_UPPER = 1.0, 4.0 / 3.0  # KTO paper: lambda_D * n_D / (lambda_U * n_U) in [1, 4/3]
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """How snapshots are built (TOML section ``[dataset]``; gates under ``[dataset.gates]``)."""
+
+    holdout_fraction: float = 0.1
+    """Share of prompts (not rows) held out for evaluation."""
+    max_pairs_per_prompt: int = 4
+    """So one popular prompt cannot dominate the pairwise set."""
+    min_prompt_chars: int = 1
+    min_response_chars: int = 1
+    sources: list[str] = field(default_factory=list)
+    """Only events from these sources (empty: all)."""
+    max_class_weight: float = 10.0
+    """Cap on the larger of the KTO class weights."""
+    split_salt: str = "ktoloop"
+    gates: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError(f"dataset.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.max_pairs_per_prompt < 1:
+            raise ConfigError("dataset.max_pairs_per_prompt must be >= 1")
+        if self.max_class_weight < 4.0 / 3.0:
+            raise ConfigError("dataset.max_class_weight must be >= 4/3 for the KTO weight rule to be satisfiable")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    snapshot: Snapshot
+    decision: Decision
+    reused: bool
+    seconds: float
+
+
+def kto_weights(desirable: int, undesirable: int, cap: float = 10.0) -> dict[str, float]:
+    """Class weights with lambda_D*n_D / (lambda_U*n_U) in [1, 4/3], the smaller weight 1 when the cap allows.
+
+    Balanced data keeps (1, 1). Too many thumbs up: up-weight the downs to reach 4/3. Too many downs:
+    up-weight the ups to reach 1. When the larger weight would pass ``cap``, it is set to ``cap`` and the
+    smaller one scaled below 1 instead, so the ratio still holds.
+    """
+    if desirable == 0 or undesirable == 0:
+        return {"desirable": 1.0, "undesirable": 1.0, "ratio": float("nan")}
+    raw = desirable / undesirable
+    target = min(max(raw, KTO_LOWER), KTO_UPPER)
+    # lambda_D / lambda_U must equal target / raw
+    relative = target / raw
+    lam_d, lam_u = (relative, 1.0) if relative >= 1 else (1.0, 1.0 / relative)
+    larger = max(lam_d, lam_u)
+    if larger > cap:
+        lam_d, lam_u = lam_d * cap / larger, lam_u * cap / larger
+    return {"desirable": lam_d, "undesirable": lam_u, "ratio": lam_d * desirable / (lam_u * undesirable)}
+
+
+# --- the SQL, in the order it runs ---------------------------------------------------------------------
+# $1 since, $2 until, $3 sources, $4 min prompt chars, $5 min response chars
+SCOPE_SQL = """
+CREATE OR REPLACE TEMP TABLE scoped AS
+SELECT prompt, response, label, model_version,
+       CASE WHEN prompt_id IS NOT NULL THEN 'id:' || prompt_id
+            ELSE 'text:' || md5(lower(trim(regexp_replace(prompt, '\\s+', ' ', 'g')))) END AS prompt_key
+FROM feedback
+WHERE event_time >= $1 AND event_time < $2
+  AND (len($3::VARCHAR[]) = 0 OR list_contains($3::VARCHAR[], source))
+  AND length(prompt) >= $4 AND length(response) >= $5
+"""
+# One row per distinct answer (prompt_key, prompt, response) of the target version ($1). Exact duplicates
+# collapse here; an answer labelled both up and down is a conflict. $2 salt, $3 holdout share.
+UNITS_SQL = """
+CREATE OR REPLACE TEMP TABLE units AS
+SELECT prompt_key, prompt, response,
+       bool_and(label) AS label,
+       bool_or(label) AND NOT bool_and(label) AS conflict,
+       count(*) AS events,
+       (md5_number($2 || prompt_key) % 1000000) < $3 * 1000000 AS is_eval
+FROM scoped WHERE model_version = $1
+GROUP BY prompt_key, prompt, response
+"""
+# Zip each prompt's ups with its downs (in a fixed pseudo-random order): at most max_pairs ($1) per prompt and
+# each answer in at most one pair. Both sides share prompt_key, so never two different prompts.
+PAIRS_SQL = """
+CREATE OR REPLACE TEMP TABLE pairs AS
+WITH ranked AS (
+    SELECT prompt_key, prompt, response, label, is_eval,
+           row_number() OVER (PARTITION BY prompt_key, label ORDER BY hash(response), response) AS rn
+    FROM units WHERE NOT conflict
+)
+SELECT up.prompt, up.response AS chosen, down.response AS rejected, up.prompt_key, up.is_eval
+FROM ranked up JOIN ranked down ON up.prompt_key = down.prompt_key AND up.rn = down.rn
+WHERE up.label AND NOT down.label AND up.rn <= $1
+"""
+# Files are written in a fixed row order so the same data give byte-identical Parquet and the same hash.
+KTO_FILE_SQL = """
+SELECT prompt, response AS completion, label, prompt_key FROM units WHERE NOT conflict AND is_eval = {eval}
+ORDER BY hash(prompt_key, prompt, response), prompt_key, prompt, response
+"""
+PAIRS_FILE_SQL = """
+SELECT prompt, chosen, rejected, prompt_key FROM pairs WHERE is_eval = {eval}
+ORDER BY hash(prompt_key, chosen, rejected), prompt_key, chosen, rejected
+"""
+
+
+def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_version: str, *,
+                  since: dt.datetime | None = None, until: dt.datetime | None = None,
+                  force_method: str | None = None, reward_model: bool = False) -> BuildResult:
+    """Build (or reuse) the snapshot of ``model_version``'s feedback in [since, until) and decide the method."""
+    started = time.monotonic()
+    since = since or dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    until = until or dt.datetime(9999, 1, 1, tzinfo=dt.timezone.utc)
+    root = snapshots_dir(home)
+    work = root / f".building-{time.time_ns()}"
+    work.mkdir(parents=True)
+    try:
+        with store.reader() as con:
+            con.execute(SCOPE_SQL, [since, until, config.sources, config.min_prompt_chars, config.min_response_chars])
+            con.execute(UNITS_SQL, [model_version, config.split_salt, config.holdout_fraction])
+            con.execute(PAIRS_SQL, [config.max_pairs_per_prompt])
+            counts = _counts(con, model_version)
+            stats = DataStats(desirable=counts["kto_train_desirable"], undesirable=counts["kto_train_undesirable"],
+                              pairs=counts["pairs_train"], conflicts=counts["conflicts"], units=counts["answers"],
+                              reward_model=reward_model)
+            decision = decide(stats, config.gates, forced=force_method)
+            for split, is_eval in (("train", "false"), ("eval", "true")):
+                _copy(con, KTO_FILE_SQL.format(eval=is_eval), work / f"kto_{split}.parquet")
+                _copy(con, PAIRS_FILE_SQL.format(eval=is_eval), work / f"pairs_{split}.parquet")
+            watermark = _watermark(con)
+        content = _content_hash(work)
+        snapshot_id = f"ds-{content[:12]}"
+        manifest = Manifest(
+            snapshot_id=snapshot_id, content_sha256=content, model_version=model_version,
+            kto_weights=kto_weights(stats.desirable, stats.undesirable, config.max_class_weight),
+            decision=decision.to_dict(), counts=counts,
+            params={"since": since.isoformat(), "until": until.isoformat(), "model_version": model_version,
+                    "force_method": force_method, **asdict(config)},
+            query="\n".join((SCOPE_SQL, UNITS_SQL, PAIRS_SQL, KTO_FILE_SQL, PAIRS_FILE_SQL)), watermark=watermark,
+            created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        )
+        (work / MANIFEST).write_text(manifest.to_json())
+        final = root / snapshot_id
+        reused = final.exists()
+        if reused:
+            shutil.rmtree(work)  # same content already snapshotted: keep the first, its id is the same
+        else:
+            work.rename(final)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    snapshot = load_snapshot(final)
+    _record(store, snapshot, final)
+    seconds = time.monotonic() - started
+    log.info("dataset %s %s in %.1f s: %s", snapshot_id, "reused" if reused else "built", seconds,
+             "; ".join(decision.reasons + decision.warnings))
+    return BuildResult(snapshot, Decision(**snapshot.manifest.decision), reused, seconds)
+
+
+def _counts(con: Any, model_version: str) -> dict[str, int]:
+    row = con.execute("""
+        SELECT (SELECT count(*) FROM scoped),
+               (SELECT count(*) FROM scoped WHERE model_version <> $1),
+               (SELECT count(DISTINCT model_version) FROM scoped WHERE model_version <> $1),
+               coalesce(sum(events), 0),
+               coalesce(sum(events - CASE WHEN conflict THEN 2 ELSE 1 END), 0),
+               count(*),
+               count(*) FILTER (WHERE conflict),
+               count(DISTINCT prompt_key),
+               count(DISTINCT prompt_key) FILTER (WHERE is_eval),
+               count(*) FILTER (WHERE NOT conflict AND NOT is_eval AND label),
+               count(*) FILTER (WHERE NOT conflict AND NOT is_eval AND NOT label),
+               count(*) FILTER (WHERE NOT conflict AND is_eval AND label),
+               count(*) FILTER (WHERE NOT conflict AND is_eval AND NOT label)
+        FROM units""", [model_version]).fetchone()
+    names = ("events_in_window", "excluded_other_versions", "other_versions", "events_of_version",
+             "duplicates_collapsed", "answers", "conflicts", "prompts", "prompts_eval",
+             "kto_train_desirable", "kto_train_undesirable", "kto_eval_desirable", "kto_eval_undesirable")
+    counts = {name: int(value) for name, value in zip(names, row)}
+    pairs = con.execute("SELECT count(*) FILTER (WHERE NOT is_eval), count(*) FILTER (WHERE is_eval), "
+                        "count(DISTINCT prompt_key) FROM pairs").fetchone()
+    counts.update(pairs_train=int(pairs[0]), pairs_eval=int(pairs[1]), prompts_with_pairs=int(pairs[2]))
+    return counts
+
+
+def _copy(con: Any, sql: str, path: Path) -> None:
+    con.execute(f"COPY ({sql}) TO '{path}' (FORMAT parquet, COMPRESSION zstd)")
+
+
+def _watermark(con: Any) -> dict[str, Any]:
+    offsets = con.execute("SELECT kafka_topic, kafka_partition, next_offset FROM kafka_offsets "
+                          "ORDER BY ALL").fetchall()
+    max_ingested = con.execute("SELECT max(ingested_at) FROM feedback").fetchone()[0]
+    return {"offsets": [{"topic": t, "partition": p, "next_offset": o} for t, p, o in offsets],
+            "max_ingested_at": max_ingested.isoformat() if max_ingested else None}
+
+
+def _content_hash(directory: Path) -> str:
+    """sha256 over the Parquet files (name + bytes). Rows are written in a fixed order, so equal data give
+    equal bytes under the same DuckDB version."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.parquet")):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _record(store: Store, snapshot: Snapshot, path: Path) -> None:
+    m = snapshot.manifest
+    with store.writer() as con:
+        con.execute(
+            "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, current_timestamp)",
+            [m.snapshot_id, m.content_sha256, m.model_version, str(path), json.dumps(m.counts),
+             json.dumps(m.decision), json.dumps(m.kto_weights), json.dumps(m.params, default=str),
+             json.dumps(m.watermark)],
+        )
+
+
+def list_datasets(store: Store) -> Any:
+    return store.read("SELECT snapshot_id, model_version, created_at, counts->>'kto_train_desirable' AS up, "
+                      "counts->>'kto_train_undesirable' AS down, counts->>'pairs_train' AS pairs, "
+                      "decision->>'method' AS method FROM datasets ORDER BY created_at DESC")
