@@ -83,28 +83,34 @@ def kto_weights(desirable: int, undesirable: int, cap: float = 10.0) -> dict[str
 
 
 # --- the SQL, in the order it runs ---------------------------------------------------------------------
-# $1 since, $2 until, $3 sources, $4 min prompt chars, $5 min response chars
+# A view, so the text is not copied; views cannot take prepared parameters, so they sit in a one-row table.
 SCOPE_SQL = """
-CREATE OR REPLACE TEMP TABLE scoped AS
+CREATE OR REPLACE TEMP TABLE scope_params
+    (since TIMESTAMPTZ, until TIMESTAMPTZ, sources VARCHAR[], min_prompt INTEGER, min_response INTEGER);
+CREATE OR REPLACE TEMP VIEW scoped AS
 SELECT prompt, response, label, model_version,
        CASE WHEN prompt_id IS NOT NULL THEN 'id:' || prompt_id
             ELSE 'text:' || md5(lower(trim(regexp_replace(prompt, '\\s+', ' ', 'g')))) END AS prompt_key
-FROM feedback
-WHERE event_time >= $1 AND event_time < $2
-  AND (len($3::VARCHAR[]) = 0 OR list_contains($3::VARCHAR[], source))
-  AND length(prompt) >= $4 AND length(response) >= $5
+FROM feedback, scope_params p
+WHERE event_time >= p.since AND event_time < p.until
+  AND (len(p.sources) = 0 OR list_contains(p.sources, source))
+  AND length(prompt) >= p.min_prompt AND length(response) >= p.min_response
 """
-# One row per distinct answer (prompt_key, prompt, response) of the target version ($1). Exact duplicates
-# collapse here; an answer labelled both up and down is a conflict. $2 salt, $3 holdout share.
+# One row per distinct answer (prompt_key, response) of the target version ($1). Exact duplicates collapse
+# here; an answer labelled both up and down is a conflict. The holdout is drawn per prompt ($2 salt, $3
+# share), so no prompt is in both splits; md5 (not DuckDB's hash) keeps it stable across DuckDB versions,
+# and its first 32 bits as an integer are cheap to compare.
 UNITS_SQL = """
 CREATE OR REPLACE TEMP TABLE units AS
-SELECT prompt_key, prompt, response,
-       bool_and(label) AS label,
-       bool_or(label) AND NOT bool_and(label) AS conflict,
-       count(*) AS events,
-       (md5_number($2 || prompt_key) % 1000000) < $3 * 1000000 AS is_eval
-FROM scoped WHERE model_version = $1
-GROUP BY prompt_key, prompt, response
+SELECT *, ('0x' || md5($2 || prompt_key)[1:8])::UBIGINT < ($3 * 4294967296)::UBIGINT AS is_eval
+FROM (
+    SELECT prompt_key, response, any_value(prompt) AS prompt,
+           bool_and(label) AS label,
+           bool_or(label) AND NOT bool_and(label) AS conflict,
+           count(*) AS events
+    FROM scoped WHERE model_version = $1
+    GROUP BY prompt_key, response
+)
 """
 # Zip each prompt's ups with its downs (in a fixed pseudo-random order): at most max_pairs ($1) per prompt and
 # each answer in at most one pair. Both sides share prompt_key, so never two different prompts.
@@ -112,22 +118,20 @@ PAIRS_SQL = """
 CREATE OR REPLACE TEMP TABLE pairs AS
 WITH ranked AS (
     SELECT prompt_key, prompt, response, label, is_eval,
-           row_number() OVER (PARTITION BY prompt_key, label ORDER BY hash(response), response) AS rn
+           row_number() OVER (PARTITION BY prompt_key, label ORDER BY hash(response)) AS rn
     FROM units WHERE NOT conflict
 )
 SELECT up.prompt, up.response AS chosen, down.response AS rejected, up.prompt_key, up.is_eval
 FROM ranked up JOIN ranked down ON up.prompt_key = down.prompt_key AND up.rn = down.rn
 WHERE up.label AND NOT down.label AND up.rn <= $1
 """
-# Files are written in a fixed row order so the same data give byte-identical Parquet and the same hash.
 KTO_FILE_SQL = """
 SELECT prompt, response AS completion, label, prompt_key FROM units WHERE NOT conflict AND is_eval = {eval}
-ORDER BY hash(prompt_key, prompt, response), prompt_key, prompt, response
 """
 PAIRS_FILE_SQL = """
 SELECT prompt, chosen, rejected, prompt_key FROM pairs WHERE is_eval = {eval}
-ORDER BY hash(prompt_key, chosen, rejected), prompt_key, chosen, rejected
 """
+SPLITS = (("train", "false"), ("eval", "true"))
 
 
 def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_version: str, *,
@@ -142,7 +146,9 @@ def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_v
     work.mkdir(parents=True)
     try:
         with store.reader() as con:
-            con.execute(SCOPE_SQL, [since, until, config.sources, config.min_prompt_chars, config.min_response_chars])
+            con.execute(SCOPE_SQL)
+            con.execute("INSERT INTO scope_params VALUES (?, ?, ?, ?, ?)",
+                        [since, until, config.sources, config.min_prompt_chars, config.min_response_chars])
             con.execute(UNITS_SQL, [model_version, config.split_salt, config.holdout_fraction])
             con.execute(PAIRS_SQL, [config.max_pairs_per_prompt])
             counts = _counts(con, model_version)
@@ -150,11 +156,11 @@ def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_v
                               pairs=counts["pairs_train"], conflicts=counts["conflicts"], units=counts["answers"],
                               reward_model=reward_model)
             decision = decide(stats, config.gates, forced=force_method)
-            for split, is_eval in (("train", "false"), ("eval", "true")):
+            content = _content_hash(con)
+            for split, is_eval in SPLITS:
                 _copy(con, KTO_FILE_SQL.format(eval=is_eval), work / f"kto_{split}.parquet")
                 _copy(con, PAIRS_FILE_SQL.format(eval=is_eval), work / f"pairs_{split}.parquet")
             watermark = _watermark(con)
-        content = _content_hash(work)
         snapshot_id = f"ds-{content[:12]}"
         manifest = Manifest(
             snapshot_id=snapshot_id, content_sha256=content, model_version=model_version,
@@ -221,15 +227,20 @@ def _watermark(con: Any) -> dict[str, Any]:
             "max_ingested_at": max_ingested.isoformat() if max_ingested else None}
 
 
-def _content_hash(directory: Path) -> str:
-    """sha256 over the Parquet files (name + bytes). Rows are written in a fixed order, so equal data give
-    equal bytes under the same DuckDB version."""
+def _content_hash(con: Any) -> str:
+    """sha256 of an order-independent fingerprint of every row that goes into the files.
+
+    DuckDB's parallel aggregation does not fix row order, and sorting 10M answers only to hash them costs
+    more than the rest of the build; two independent 64-bit row hashes XOR-ed over the (distinct) rows do
+    not care about order. The files of a snapshot id are written once and never rewritten.
+    """
     digest = hashlib.sha256()
-    for path in sorted(directory.glob("*.parquet")):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+    for split, is_eval in SPLITS:
+        for name, sql in (("kto", KTO_FILE_SQL), ("pairs", PAIRS_FILE_SQL)):
+            cols = "prompt, completion, label, prompt_key" if name == "kto" else "prompt, chosen, rejected, prompt_key"
+            row = con.execute(f"SELECT count(*), bit_xor(hash({cols})), bit_xor(hash(prompt_key, {cols}, 'salt')) "
+                              f"FROM ({sql.format(eval=is_eval)})").fetchone()
+            digest.update(f"{name}_{split}:{row[0]}:{row[1]}:{row[2]};".encode())
     return digest.hexdigest()
 
 
