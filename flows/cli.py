@@ -24,6 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     show.add_argument("snapshot_id")
     show.set_defaults(func=_show)
     dataset_sub.add_parser("list", help="snapshots recorded in DuckDB").set_defaults(func=_list)
+    add_loop_commands(sub)
 
 
 def _time(text: str) -> dt.datetime:
@@ -112,3 +113,104 @@ def _print_summary(m) -> None:
     for method, e in sorted(d["eligibility"].items()):
         print(f"  {method}: {'eligible' if e['eligible'] else 'not eligible: ' + e['reason']}")
 
+
+
+def add_loop_commands(sub: argparse._SubParsersAction) -> None:
+    models = sub.add_parser("models", help="the model registry: candidates, the promoted pointer, its history")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    models_sub.add_parser("list", help="candidates, newest first, and what serves now").set_defaults(func=_models_list)
+    show = models_sub.add_parser("show", help="lineage, metrics and gate numbers of one model")
+    show.add_argument("model_id")
+    show.set_defaults(func=_models_show)
+    promote = models_sub.add_parser("promote", help="promote a model (a failed gate needs --force and --reason)")
+    promote.add_argument("model_id")
+    promote.add_argument("--force", action="store_true", help="override a failed or missing gate")
+    promote.add_argument("--reason", default="", help="why (recorded with who did it)")
+    promote.set_defaults(func=_models_promote)
+    rollback = models_sub.add_parser("rollback", help="serve the previously promoted model again")
+    rollback.add_argument("--reason", default="manual rollback")
+    rollback.set_defaults(func=_models_rollback)
+
+    retrain = sub.add_parser("retrain", help="drain -> build -> decide -> train -> evaluate -> promote")
+    retrain.add_argument("--now", action="store_true", required=True, help="run the retrain flow in-process now")
+    retrain.add_argument("--method", choices=["kto", "dpo", "ipo", "ppo"], help="force a method (must be eligible)")
+    retrain.add_argument("--reason", default="manual", help="recorded as the run's trigger")
+    retrain.set_defaults(func=_retrain)
+
+    serve = sub.add_parser("serve", help="serve the scheduled deployments and the drift trigger (Prefect)")
+    serve.add_argument("--api-port", type=int, default=4200, help="port of the local Prefect server, if one is started")
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo", help="the whole loop on embedded defaults (what `make demo` runs)")
+    demo.set_defaults(func=_demo)
+
+
+def _models_list(args: argparse.Namespace, settings: Settings) -> int:
+    from flows import registry
+    from flows.loop import store_of
+
+    store = store_of(settings)
+    current = registry.promoted(store)
+    print(registry.list_models(store))
+    print(f"serving: {current.model_id if current else 'the pinned reference (nothing promoted)'}")
+    return 0
+
+
+def _models_show(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+    import json
+
+    from flows import registry
+    from flows.loop import store_of
+
+    print(json.dumps(dataclasses.asdict(registry.get(store_of(settings), args.model_id)), indent=2, default=str))
+    return 0
+
+
+def _models_promote(args: argparse.Namespace, settings: Settings) -> int:
+    from flows import registry
+    from flows.loop import store_of
+
+    store = store_of(settings)
+    candidate = registry.get(store, args.model_id)
+    registry.promote(store, args.model_id, gate=candidate.evaluation, forced=args.force, reason=args.reason)
+    print(f"promoted {args.model_id}" + (" (forced)" if args.force else ""))
+    return 0
+
+
+def _models_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    from flows import registry
+    from flows.loop import store_of
+
+    target = registry.rollback(store_of(settings), reason=args.reason)
+    print(f"serving: {target or 'the pinned reference'}")
+    return 0
+
+
+def _retrain(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from flows.prefect_flows import run_retrain_now
+
+    outcome = run_retrain_now(settings, reason=args.reason, method=args.method)
+    print(json.dumps(outcome, indent=2, default=str))
+    return 0
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.prefect_flows import serve_forever
+
+    serve_forever(settings, api_port=args.api_port)
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
+    from flows.demo import DEMO_CONFIG, run_demo
+    from ktoloop.config import load_settings
+
+    config = Path(args.config or os.environ.get("KTOLOOP_CONFIG") or DEMO_CONFIG).resolve()
+    os.environ["KTOLOOP_CONFIG"] = str(config)  # the Prefect flows load their settings from the same file
+    run_demo(load_settings(config))
+    return 0

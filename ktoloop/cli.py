@@ -27,6 +27,7 @@ COMMAND_MODULES: dict[str, str] = {
     "models": "flows.cli",
     "retrain": "flows.cli",
     "serve": "flows.cli",
+    "demo": "flows.cli",
 }
 
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its retries are noise; we report failures ourselves
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:
         settings = load_settings(args.config)
         return int(args.func(args, settings) or 0)

@@ -90,4 +90,33 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             PRIMARY KEY (run_id, benchmark, metric, item_id)
         );
     """),
+    (4, "model registry", """
+        -- every candidate with its lineage; status: candidate | promoted | rejected | retired
+        CREATE TABLE models (
+            model_id          VARCHAR PRIMARY KEY,
+            method            VARCHAR NOT NULL,
+            snapshot_id       VARCHAR NOT NULL,
+            snapshot_sha256   VARCHAR NOT NULL,
+            reference_name    VARCHAR NOT NULL,
+            reference_sha256  VARCHAR NOT NULL,
+            model_version     VARCHAR NOT NULL,
+            adapter_path      VARCHAR NOT NULL,
+            config            JSON NOT NULL,
+            metrics           JSON NOT NULL,           -- held-out preference score, training metrics
+            evaluation        JSON,                    -- capability check and gate numbers
+            status            VARCHAR NOT NULL,
+            created_at        TIMESTAMPTZ NOT NULL
+        );
+        -- the promoted pointer is the newest row; the rest is its history
+        CREATE TABLE promotions (
+            seq          BIGINT PRIMARY KEY,
+            model_id     VARCHAR,                      -- NULL: back to the bare reference
+            action       VARCHAR NOT NULL,             -- promote | rollback | reject
+            forced       BOOLEAN NOT NULL,
+            actor        VARCHAR NOT NULL,
+            reason       VARCHAR NOT NULL,
+            gate         JSON,
+            changed_at   TIMESTAMPTZ NOT NULL
+        );
+    """),
 ]

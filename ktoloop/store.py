@@ -48,7 +48,9 @@ class Store:
         while True:
             attempts += 1
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                con = duckdb.connect(str(self.path), read_only=read_only)
+                con.execute("SET enable_progress_bar = false")  # long queries would draw bars into logs
+                return con
             except duckdb.IOException as exc:
                 if not _is_lock_error(exc):
                     raise
@@ -121,7 +123,11 @@ def migrate(con: duckdb.DuckDBPyConnection) -> None:
         if version in applied:
             continue
         con.execute("BEGIN TRANSACTION")
-        con.execute(sql)
-        con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name])
+        try:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_version (version, name) VALUES (?, ?)", [version, name])
+        except duckdb.Error:
+            con.execute("ROLLBACK")
+            raise
         con.execute("COMMIT")
         log.info("DuckDB schema migrated to version %d (%s)", version, name)

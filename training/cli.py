@@ -1,6 +1,8 @@
-"""``ktoloop reference ...`` and ``ktoloop train``: thin handlers over training.reference / training.trainer.
+"""``ktoloop reference ...``, ``ktoloop train``, ``ktoloop reward ...`` and ``ktoloop ppo``: thin handlers over
+training.reference / trainer / reward / ppo.
 
-Locations: pins under ``<home>/references/<name>/``, runs under ``<home>/models/<run_id>/``, the reference
+Locations: pins under ``<home>/references/<name>/``, reward models under ``<home>/reward_models/<name>/``
+(``model/`` + ``reward_model.json``), runs (PPO included) under ``<home>/models/<run_id>/``, the reference
 log-prob cache under ``<home>/cache/``. torch is imported inside handlers so ``ktoloop --help`` stays fast.
 """
 
@@ -49,6 +51,33 @@ def add_commands(subparsers) -> None:
     train.add_argument("--run-id", default="", help="default: <method>-<snapshot>-<config hash>")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     train.set_defaults(func=cmd_train)
+
+    reward = subparsers.add_parser("reward", help="train and list reward models (for PPO)")
+    reward_sub = reward.add_subparsers(dest="reward_command", metavar="ACTION", required=True)
+    rtrain = reward_sub.add_parser("train", help="train a reward model on a snapshot and pin it")
+    rtrain.add_argument("--snapshot", required=True, help="snapshot id (under <home>/snapshots) or directory")
+    for flag, kind in (("--lr", float), ("--epochs", int), ("--max-steps", int), ("--batch-size", int)):
+        rtrain.add_argument(flag, type=kind)
+    rtrain.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    rtrain.add_argument("--reference", help="pinned reference name (default: the snapshot's model version)")
+    rtrain.add_argument("--run-id", default="", help="pin name (default: rm-<snapshot>-<config hash>)")
+    rtrain.set_defaults(func=cmd_reward_train)
+    rshow = reward_sub.add_parser("show", help="list pinned reward models")
+    rshow.add_argument("--verify", action="store_true", help="re-hash every file")
+    rshow.set_defaults(func=cmd_reward_show)
+
+    ppo = subparsers.add_parser("ppo", help="PPO against a pinned reward model, within a compute budget")
+    ppo.add_argument("--snapshot", required=True, help="snapshot id (under <home>/snapshots) or directory")
+    ppo.add_argument("--reward-model", help="pinned reward model (default: the newest for the reference)")
+    for flag, kind in (("--max-generated-tokens", int), ("--max-seconds", float), ("--max-steps", int),
+                       ("--rollout-batch-size", int), ("--mini-batch-size", int), ("--max-new-tokens", int),
+                       ("--lr", float), ("--kl-coef", float), ("--kl-bound", float)):
+        ppo.add_argument(flag, type=kind)
+    ppo.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    ppo.add_argument("--reference", help="pinned reference name (default: the snapshot's model version)")
+    ppo.add_argument("--run-id", default="", help="default: ppo-<snapshot>-<config hash>")
+    ppo.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    ppo.set_defaults(func=cmd_ppo)
 
 
 def cmd_pin(args: argparse.Namespace, settings: Settings) -> int:
@@ -121,3 +150,71 @@ def parse_betas(text: str) -> list[float]:
     if any(b <= 0 for b in betas):
         raise ConfigError(f"--sweep-beta values must be > 0, got {text!r}")
     return betas
+
+
+def cmd_reward_train(args: argparse.Namespace, settings: Settings) -> int:
+    from ktoloop.snapshot import load_snapshot
+    from training.reference import reference_for_snapshot
+    from training.reward import RewardConfig, pin_reward_model, reward_models_dir, train_reward
+
+    config = _overridden(load_section(settings, "reward", RewardConfig), args,
+                         ("lr", "epochs", "max_steps", "batch_size", "device", "reference"))
+    snapshot = load_snapshot(args.snapshot, settings.home_dir)
+    reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir, config.reference)
+    name = args.run_id or f"rm-{snapshot.manifest.snapshot_id}-{config.fingerprint()}"
+    out_dir = reward_models_dir(settings.home_dir) / name / "model"
+    log.info("training reward model %s on snapshot %s against %s", name, snapshot.manifest.snapshot_id, reference.name)
+    result = train_reward(config, snapshot, reference, out_dir)
+    info = pin_reward_model(out_dir, settings.home_dir, name)
+    print(json.dumps({"reward_model": info.name, "out_dir": str(out_dir), "sha256": info.sha256,
+                      "eval": result.eval}, indent=2))
+    return 0
+
+
+def cmd_reward_show(args: argparse.Namespace, settings: Settings) -> int:
+    from training.reward import list_reward_models
+
+    infos = list_reward_models(settings.home_dir)
+    if not infos:
+        print(f"no pinned reward models under {settings.home_dir / 'reward_models'}")
+    for info in infos:
+        if args.verify:
+            info.verify()
+        accuracy = (info.eval or {}).get("accuracy")
+        print(f"{info.name}\treference {info.reference['name']} ({info.reference_sha256[:12]})\tsnapshot "
+              f"{info.snapshot['id']}\taccuracy {accuracy}" + ("\tverified" if args.verify else ""))
+    return 0
+
+
+def cmd_ppo(args: argparse.Namespace, settings: Settings) -> int:
+    from ktoloop.errors import KtoLoopError
+    from ktoloop.snapshot import load_snapshot
+    from training.ppo import PPOConfig, train_ppo
+    from training.reference import reference_for_snapshot
+    from training.reward import load_reward_pin, reward_model_for
+
+    config = _overridden(load_section(settings, "ppo", PPOConfig), args,
+                         ("max_generated_tokens", "max_seconds", "max_steps", "rollout_batch_size", "mini_batch_size",
+                          "max_new_tokens", "lr", "kl_coef", "kl_bound", "device", "reference", "reward_model"))
+    snapshot = load_snapshot(args.snapshot, settings.home_dir)
+    reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir, config.reference)
+    info = (load_reward_pin(config.reward_model, settings.home_dir) if config.reward_model
+            else reward_model_for(reference, settings.home_dir))
+    if info is None:
+        raise KtoLoopError(f"no reward model trained for reference {reference.name!r} ({reference.sha256[:12]}...); "
+                           f"train one with `ktoloop reward train --snapshot {snapshot.manifest.snapshot_id}`")
+    run_id = args.run_id or f"ppo-{snapshot.manifest.snapshot_id}-{config.fingerprint()}"
+    out_dir = settings.home_dir / "models" / run_id
+    log.info("PPO on snapshot %s against %s with reward model %s -> %s", snapshot.manifest.snapshot_id,
+             reference.name, info.name, out_dir)
+    result = train_ppo(config, snapshot, reference, out_dir, info, cache_dir=settings.home_dir / "cache",
+                       resume=args.resume)
+    print(json.dumps({"run_id": run_id, "out_dir": str(result.out_dir), "stop": result.stop,
+                      "rollouts": result.meta["rollouts"], "eval": result.eval}, indent=2))
+    return 0
+
+
+def _overridden(config, args: argparse.Namespace, names: tuple[str, ...]):
+    """The TOML section, overridden by the flags given on the command line (re-validated)."""
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return dataclasses.replace(config, **overrides)

@@ -7,6 +7,8 @@ the model nor an adapter-disabled forward is needed while training.
 
 from __future__ import annotations
 
+import logging
+
 import contextlib
 import hashlib
 import json
@@ -15,6 +17,8 @@ from pathlib import Path
 import torch
 
 from training.data import Batch, Encoded, Pair, collate
+
+log = logging.getLogger(__name__)
 
 
 def sequence_logps(model, batch: Batch) -> torch.Tensor:
@@ -86,6 +90,7 @@ class ReferenceCache:
         """Compute and save whatever ``pairs`` are not cached yet; returns how many were computed."""
         todo = self.missing(pairs)
         if todo:
+            log.info("reference log-probs: computing %d sequences once (cached at %s)", len(todo), self.path)
             logps = compute_logps(model, data, todo, pad_id, device, batch_size)
             self.values.update(zip(todo, logps.tolist()))
             self.save()

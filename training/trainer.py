@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,6 +40,8 @@ from training.evaluate import PreferenceScore, evaluate_preference, fill_referen
 from training.logprobs import ReferenceCache, autocast, sequence_logps
 from training.losses import LOSSES, BatchInfo, Method
 from training.reference import Reference
+
+log = logging.getLogger(__name__)
 
 META_FILE = "training_meta.json"
 METRICS_FILE = "metrics.jsonl"
@@ -158,6 +161,9 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
         if rank == 0:
             with (out_dir / METRICS_FILE).open("a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
+            if (step + 1) % max(1, plan.total_steps // 10) == 0 or step + 1 == plan.total_steps:
+                log.info("step %d/%d: loss %.4f (%.2f s/step)", step + 1, plan.total_steps,
+                         metrics.get("loss", float("nan")), metrics["seconds"])
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < plan.total_steps:
             _save_checkpoint(out_dir, step + 1, model, optimizer, scheduler, config, rank)
 
@@ -231,7 +237,10 @@ class Plan:
                 for rows in self.global_micro_batches(step)]
 
     def all_pairs(self, data: Encoded) -> list:
-        pairs = data.sequences(list(range(self.n)))
+        """Every sequence the run will score: only the rows its steps visit (a bounded run pays for those)."""
+        visited = sorted({r for step in range(self.total_steps) for rows in self.global_micro_batches(step)
+                          for r in rows})
+        pairs = data.sequences(visited)
         if self.uses_kl:
             for step in range(self.total_steps):
                 for rows in self.global_micro_batches(step):

@@ -1,0 +1,1 @@
+"""Monitoring: capability regression (log-likelihood harness, paired check) and preference drift (Evidently)."""

@@ -1,0 +1,102 @@
+"""``ktoloop monitor report|ui`` and ``ktoloop evaluate``: thin handlers over the functions the flows call."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from ktoloop.config import Settings
+from ktoloop.errors import KtoLoopError
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    monitor = subparsers.add_parser("monitor", help="preference-drift reports and the Evidently dashboard")
+    sub = monitor.add_subparsers(dest="monitor_command", metavar="ACTION", required=True)
+    report = sub.add_parser("report", help="drift report between two windows of landed feedback (HTML + JSON)")
+    report.add_argument("--reference-window", metavar="START/END",
+                        help="e.g. 2025-01-01/2025-01-08 or -14d/-7d (default: the window before --current-window)")
+    report.add_argument("--current-window", metavar="START/END",
+                        help="default: the last [monitoring] window_days before the newest event")
+    report.add_argument("--out", help="report folder (default: <home>/monitoring/reports)")
+    report.set_defaults(func=report_command)
+    ui = sub.add_parser("ui", help="serve the Evidently workspace (evidently ui)")
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    ui.add_argument("--port", type=int, default=8000)
+    ui.set_defaults(func=ui_command)
+
+    evaluate = subparsers.add_parser("evaluate", help="log-likelihood benchmarks on a base model or base + adapter")
+    evaluate.add_argument("--suite", choices=["quick", "full"], default="quick")
+    evaluate.add_argument("--base", help="base model directory (default: the materialised SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--adapter", help="peft adapter directory")
+    evaluate.add_argument("--benchmarks", nargs="+", metavar="NAME", help="subset of the suite's benchmarks")
+    evaluate.add_argument("--model-id", help="name stored with the results (default: from the directories)")
+    evaluate.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    evaluate.set_defaults(func=evaluate_command)
+
+
+def report_command(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from ktoloop.store import Store
+    from monitoring.config import load_monitor_config, monitoring_dir
+    from monitoring.drift import Window
+    from monitoring.reports import drift_report
+
+    config = load_monitor_config(settings)
+    current = Window.parse(args.current_window) if args.current_window else None
+    reference = Window.parse(args.reference_window) if args.reference_window else None
+    if current is not None and reference is None:
+        reference = Window(current.start - (current.end - current.start), current.start)
+    if reference is not None and current is None:
+        raise KtoLoopError("--reference-window needs --current-window too")
+    home = monitoring_dir(settings)
+    result = drift_report(Store(settings.db_path, settings.store.lock_timeout_s),
+                          Path(args.out) if args.out else home / "reports", reference=reference, current=current,
+                          config=config, workspace=home / "workspace")
+    finding = result.finding
+    print(f"reference {finding.reference}\ncurrent   {finding.current}")
+    print("DRIFT:\n  " + "\n  ".join(finding.reasons) if finding.drifted else "no drift")
+    print(f"report: {result.html}\njson:   {result.json}\nfinding: {result.finding_json}")
+    return 0
+
+
+def ui_command(args: argparse.Namespace, settings: Settings) -> int:
+    from monitoring.config import monitoring_dir
+    from monitoring.workspace import open_project
+
+    workspace = monitoring_dir(settings) / "workspace"
+    open_project(workspace)  # so the dashboard exists before the first report
+    exe = shutil.which("evidently", path=os.path.dirname(sys.executable)) or shutil.which("evidently")
+    if exe is None:
+        raise KtoLoopError("the `evidently` command is not installed in this environment (pip install evidently)")
+    print(f"serving {workspace} on http://{args.host}:{args.port}", flush=True)
+    # exec, not a child process: Ctrl+C and kill reach the server itself, and nothing is left orphaned
+    os.execv(exe, [exe, "ui", "--workspace", str(workspace), "--host", args.host, "--port", str(args.port)])
+    return 0  # pragma: no cover - execv does not return
+
+
+def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from ktoloop.store import Store
+    from monitoring.config import load_monitor_config, monitoring_dir
+    from monitoring.harness import run_suite
+    from monitoring.reports import capability_snapshot
+    from monitoring.workspace import log_run
+
+    base = args.base
+    if base is None:
+        from training.modeling import materialize_smollm2
+
+        base = materialize_smollm2(Path.home() / ".cache" / "ktoloop" / "smollm2-135m-instruct")
+    run = run_suite(base, args.adapter, suite=args.suite, benchmarks=args.benchmarks,
+                    config=load_monitor_config(settings), store=Store(settings.db_path, settings.store.lock_timeout_s),
+                    model_id=args.model_id, device=args.device)
+    log_run(monitoring_dir(settings) / "workspace", capability_snapshot(run))
+    print(f"run {run.run_id}  model {run.model_id}  suite {run.suite}")
+    print(f"{'benchmark':<14}{'metric':<17}{'value':>9}{'stderr':>9}{'n':>7}")
+    for bench, metric, value, stderr, n in run.table():
+        print(f"{bench:<14}{metric:<17}{value:>9.4f}{'' if stderr is None else f'{stderr:.4f}':>9}{n:>7}")
+    return 0

@@ -1,0 +1,81 @@
+"""The ``[monitoring]`` section: one typed source of defaults for evaluation, regression and drift."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ktoloop.config import ConfigError, Settings, load_section
+
+DEFAULT_BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    benchmarks_dir: str = str(DEFAULT_BENCHMARKS_DIR)
+    """Folder with the benchmark files described in shared/data/PROVENANCE.md."""
+    batch_tokens: int = 8192
+    """Padded tokens per forward pass; sequences are sorted by length so little of it is padding."""
+    max_length: int = 2048
+    """Longest sequence scored (contexts are truncated from the left); also the perplexity window."""
+    quick_sizes: dict[str, int] = field(default_factory=lambda: {
+        "arc_easy": 150, "hellaswag": 80, "piqa": 120, "winogrande": 150, "lambada": 150, "wikitext2": 3,
+    })
+    """Items per benchmark in the quick suite (a fixed, seeded sample); benchmarks not named are skipped.
+
+    Sized for about 2.5 min on 2 CPU cores for SmolLM2-135M (measured in benchmarks/bench_eval.py)."""
+    full_benchmarks: list[str] = field(default_factory=lambda: [
+        "arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada", "wikitext2",
+    ])
+    seed: int = 1234
+    """Seed of the quick-suite sample: the same seed gives the same items, so runs are comparable."""
+    tolerance: float = 0.01
+    """Allowed drop of a benchmark's primary metric, in its own units (0.01 = 1 point of accuracy)."""
+    tolerances: dict[str, float] = field(default_factory=dict)
+    """Per-benchmark overrides of ``tolerance``."""
+    z: float = 1.645
+    """On samples a drop must also exceed z paired standard errors (one-sided 95 %) to count as a regression."""
+    alpha: float = 0.01
+    """Significance level of the drift tests."""
+    min_rate_change: float = 0.02
+    """A thumbs-up or rejection rate must also move this much (absolute) to be called drift."""
+    min_ks_distance: float = 0.05
+    """A length distribution must also move this far (Kolmogorov-Smirnov D) to be called drift."""
+    min_rows: int = 200
+    """Windows (or model versions) with fewer rows than this are reported but not tested."""
+    max_unseen_prompt_share: float = 1.0
+    """Flag drift when more than this share of current prompts never appeared before (1.0 = never flag)."""
+    window_days: float = 7.0
+    """Default window length when ``monitor report`` is given no windows."""
+
+    def __post_init__(self) -> None:
+        if self.batch_tokens < 64:
+            raise ConfigError(f"monitoring.batch_tokens must be >= 64, got {self.batch_tokens}")
+        if self.max_length < 16:
+            raise ConfigError(f"monitoring.max_length must be >= 16, got {self.max_length}")
+        for name, size in self.quick_sizes.items():
+            if size < 1:
+                raise ConfigError(f"monitoring.quick_sizes.{name} must be >= 1, got {size}")
+        for name, value in {"tolerance": self.tolerance, **{f"tolerances.{k}": v for k, v in self.tolerances.items()},
+                            "z": self.z, "min_rate_change": self.min_rate_change,
+                            "min_ks_distance": self.min_ks_distance}.items():
+            if value < 0:
+                raise ConfigError(f"monitoring.{name} must be >= 0, got {value}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"monitoring.alpha must be in (0, 1), got {self.alpha}")
+        if not 0 <= self.max_unseen_prompt_share <= 1:
+            raise ConfigError(f"monitoring.max_unseen_prompt_share must be in [0, 1], got {self.max_unseen_prompt_share}")
+        if self.window_days <= 0:
+            raise ConfigError(f"monitoring.window_days must be > 0, got {self.window_days}")
+
+    def tolerance_for(self, benchmark: str) -> float:
+        return self.tolerances.get(benchmark, self.tolerance)
+
+
+def load_monitor_config(settings: Settings) -> MonitorConfig:
+    return load_section(settings, "monitoring", MonitorConfig)
+
+
+def monitoring_dir(settings: Settings) -> Path:
+    """Reports and the Evidently workspace live here."""
+    return settings.home_dir / "monitoring"

@@ -1,0 +1,118 @@
+"""Custom Evidently (0.7) metrics over count tables, where the presets do not fit.
+
+The inputs are the drift count table (``period, scope, stat, key, count``; see ``monitoring.drift``) and the
+evaluations table, not raw events: the tests are the same functions the drift finding uses, and a report
+over a million events costs a few thousand rows. Metric parameters are plain strings, so dashboard panels
+select series by them (``metric_labels={"stat": "label", "scope": "*"}``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pandas as pd
+from evidently import DataDefinition, Dataset
+from evidently.core.metric_types import SingleValueCalculation, SingleValueMetric
+
+from monitoring.stats import ks_test, two_proportion_test
+
+COUNT_COLUMNS = ["scope", "stat"]
+SCORE_COLUMNS = ["model_id", "benchmark", "metric"]
+
+
+def count_dataset(frame: pd.DataFrame) -> Dataset:
+    return Dataset.from_pandas(frame, data_definition=DataDefinition(categorical_columns=COUNT_COLUMNS,
+                                                                     numerical_columns=["key", "count"]))
+
+
+def score_dataset(frame: pd.DataFrame) -> Dataset:
+    return Dataset.from_pandas(frame, data_definition=DataDefinition(categorical_columns=SCORE_COLUMNS,
+                                                                     numerical_columns=["value", "n"]))
+
+
+def _hist(data: Optional[Dataset], scope: str, stat: str) -> dict[int, float]:
+    if data is None:
+        return {}
+    df = data.as_dataframe()
+    rows = df[(df["scope"] == scope) & (df["stat"] == stat)]
+    return {int(k): float(c) for k, c in zip(rows["key"], rows["count"], strict=True)}
+
+
+def _share(hist: dict[int, float]) -> tuple[float, float]:
+    return hist.get(1, 0.0), sum(hist.values())
+
+
+class FeedbackShare(SingleValueMetric):
+    """Share of events with key 1 of a 0/1 stat: thumbs-up rate (``label``), ``unseen_prompt``, ``rejected``."""
+
+    stat: str
+    scope: str = "*"
+
+
+class FeedbackShareCalculation(SingleValueCalculation[FeedbackShare]):
+    def calculate(self, context, current_data: Dataset, reference_data: Optional[Dataset]):
+        def value(data):
+            hits, n = _share(_hist(data, self.metric.scope, self.metric.stat))
+            return self.result(hits / n if n else float("nan"))
+
+        return value(current_data), None if reference_data is None else value(reference_data)
+
+    def display_name(self) -> str:
+        return f"Share of {self.metric.stat} = 1 ({_scope(self.metric.scope)})"
+
+
+class ShareDriftPValue(SingleValueMetric):
+    """Two-proportion z-test p-value of a 0/1 stat between reference (``baseline`` scope) and current."""
+
+    stat: str
+    scope: str = "*"
+    baseline: str = "*"
+
+
+class ShareDriftPValueCalculation(SingleValueCalculation[ShareDriftPValue]):
+    def calculate(self, context, current_data: Dataset, reference_data: Optional[Dataset]):
+        ref_hits, ref_n = _share(_hist(reference_data, self.metric.baseline, self.metric.stat))
+        cur_hits, cur_n = _share(_hist(current_data, self.metric.scope, self.metric.stat))
+        return self.result(two_proportion_test(ref_hits, ref_n, cur_hits, cur_n).p_value)
+
+    def display_name(self) -> str:
+        return f"Drift p-value of {self.metric.stat} rate, two-proportion z-test ({_scope(self.metric.scope)})"
+
+
+class DistributionDriftPValue(SingleValueMetric):
+    """Kolmogorov-Smirnov p-value of a histogram stat (``prompt_length``, ``response_length``)."""
+
+    stat: str
+    scope: str = "*"
+    baseline: str = "*"
+
+
+class DistributionDriftPValueCalculation(SingleValueCalculation[DistributionDriftPValue]):
+    def calculate(self, context, current_data: Dataset, reference_data: Optional[Dataset]):
+        ref = _hist(reference_data, self.metric.baseline, self.metric.stat)
+        return self.result(ks_test(ref, _hist(current_data, self.metric.scope, self.metric.stat)).p_value)
+
+    def display_name(self) -> str:
+        return f"Drift p-value of {self.metric.stat}, Kolmogorov-Smirnov ({_scope(self.metric.scope)})"
+
+
+class BenchmarkScore(SingleValueMetric):
+    """One capability score of the evaluated model (rows of the ``evaluations`` table)."""
+
+    benchmark: str
+    metric: str
+
+
+class BenchmarkScoreCalculation(SingleValueCalculation[BenchmarkScore]):
+    def calculate(self, context, current_data: Dataset, reference_data: Optional[Dataset]):
+        df = current_data.as_dataframe()
+        rows = df[(df["benchmark"] == self.metric.benchmark) & (df["metric"] == self.metric.metric)]
+        return self.result(float(rows["value"].iloc[0]) if len(rows) else float("nan")), None
+
+    def display_name(self) -> str:
+        return f"{self.metric.benchmark} {self.metric.metric}"
+
+
+def _scope(scope: str) -> str:
+    return "all model versions" if scope == "*" else f"model version {scope}"
+

@@ -1,0 +1,185 @@
+"""The loop as Prefect flows, under prefect_test_harness, on a tiny model and a real DuckDB file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from ingest.landing import Batch, land
+from ingest.schema import EventDecoder, encode_event
+from ktoloop.store import Store
+
+VERSION = "tiny-v1"
+TOPICS = [f"topic {i}" for i in range(400)]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.settings import (PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_HOME,
+                                  PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={
+        PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home")), PREFECT_API_URL: None,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_SERVER_ANALYTICS_ENABLED: False,
+    }):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def feedback(n_topics: int, up_rate_shift: int = 0, start: int = 1_700_000_000, prefix: str = "e"):
+    """Two answers per prompt, a friendly one (thumbs up) and a rude one (thumbs down): learnable and paired."""
+    events = []
+    for i, topic in enumerate(TOPICS[:n_topics]):
+        prompt = f"Tell me about {topic}."
+        events.append({"event_id": f"{prefix}{i}u", "prompt": prompt, "label": "up", "model_version": VERSION,
+                       "response": f"Sure! Here is a short, friendly note about {topic}. I hope it helps.",
+                       "event_time": start + 2 * i, "prompt_id": f"p{i}", "source": "test"})
+        events.append({"event_id": f"{prefix}{i}d", "prompt": prompt, "label": "down" if i >= up_rate_shift else "up",
+                       "model_version": VERSION, "response": f"no. {topic} is boring, ask someone else",
+                       "event_time": start + 2 * i + 1, "prompt_id": f"p{i}", "source": "test"})
+    return events
+
+
+def land_events(db: Path, events: list[dict]) -> None:
+    decoder = EventDecoder()
+    batch = Batch(events=[decoder.decode(encode_event(e)) for e in events],
+                  positions=[("fb", 0, i) for i in range(len(events))], next_offsets={("fb", 0): len(events)})
+    land(Store(db), "g", batch)
+
+
+def write_config(tmp_path: Path, lr: float, min_examples: int = 500, full_finetune: bool = False) -> Path:
+    config = tmp_path / f"ktoloop-{lr:g}-{full_finetune}.toml"
+    config.write_text(f"""
+home = "{tmp_path / 'home'}"
+[dataset]
+holdout_fraction = 0.2
+[dataset.gates]
+min_examples = {min_examples}
+warn_examples = 5000
+[training]
+lr = {lr}
+max_steps = 12
+batch_size = 8
+max_length = 64
+max_prompt_length = 32
+lora_r = 4
+lora_alpha = 8
+lora_dropout = 0.0
+full_finetune = {str(full_finetune).lower()}
+[monitoring]
+quick_sizes = {{ wikitext2 = 3, arc_easy = 20 }}
+max_length = 128
+batch_tokens = 2048
+[flows]
+drain_before_retrain = false
+""")
+    return config
+
+
+@pytest.fixture()
+def loop_home(tmp_path, tiny_model_dir, monkeypatch):
+    from training.reference import pin_reference
+
+    pin_reference(tiny_model_dir, VERSION, tmp_path / "home")
+    monkeypatch.delenv("KTOLOOP_HOME", raising=False)
+    return tmp_path
+
+
+def test_retrain_promotes_a_good_candidate_and_rejects_a_planted_regression(harness, loop_home, monkeypatch):
+    from flows import registry
+    from flows.prefect_flows import retrain_flow
+
+    land_events(loop_home / "home" / "ktoloop.duckdb", feedback(400))
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=2e-3)))
+    good = retrain_flow(reason="test")
+    assert good["status"] == "promoted", good["reason"]
+    assert good["gate"]["capability"]["passed"] and good["gate"]["preference"]["passed"]
+    store = Store(loop_home / "home" / "ktoloop.duckdb")
+    assert registry.promoted(store).model_id == good["model_id"]
+
+    # planted regression: the same data, full fine-tuning at an absurd learning rate wrecks the language model
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=1.0, full_finetune=True)))
+    bad = retrain_flow(reason="test")
+    assert bad["status"] == "rejected"
+    assert not bad["gate"]["capability"]["passed"], bad["reason"]
+    assert "REGRESSION" in bad["reason"]
+    assert registry.get(store, bad["model_id"]).status == "rejected"
+    assert registry.promoted(store).model_id == good["model_id"]  # the good one keeps serving
+
+    # a re-run with the same snapshot and config reuses the candidate and its evaluation
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=2e-3)))
+    started = time.monotonic()
+    again = retrain_flow(reason="test")
+    assert again["model_id"] == good["model_id"] and again["status"] == "promoted"
+    assert time.monotonic() - started < 30
+
+
+def test_not_enough_data_completes_with_its_reason(harness, loop_home, monkeypatch):
+    from flows.prefect_flows import retrain_flow
+
+    land_events(loop_home / "home" / "ktoloop.duckdb", feedback(100))  # 200 events, ~160 in train
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=1e-3)))
+    state = retrain_flow(reason="test", return_state=True)
+    assert state.is_completed()
+    outcome = state.result()
+    assert outcome["status"] == "skipped"
+    assert "usable training examples" in outcome["reason"] and "< 500; no training" in outcome["reason"]
+
+
+def test_drift_event_from_the_monitor_starts_a_retrain_with_the_reason(harness, loop_home, monkeypatch):
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from flows.prefect_flows import monitor_flow
+    from flows.serving import deployments
+    from ktoloop.config import load_settings
+
+    db = loop_home / "home" / "ktoloop.duckdb"
+    day = 86_400
+    land_events(db, feedback(400, start=1_700_000_000, prefix="a"))                       # 50% up
+    land_events(db, feedback(400, up_rate_shift=300, start=1_700_000_000 + 8 * day, prefix="b"))  # ~87% up
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=1e-3)))
+    retrain = [d for d in deployments(load_settings()) if d.flow_name == "retrain"][0]
+    deployment_id = retrain.apply()
+    time.sleep(1)  # let the server load the new automation
+
+    result = monitor_flow()
+    assert result["drifted"], result
+    runs = []
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 60
+        while not runs and time.monotonic() < deadline:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            time.sleep(0.3)
+    assert len(runs) == 1
+    assert runs[0].parameters["reason"].startswith("drift: thumbs_up_rate")
+
+
+def test_tasks_retry_transient_faults_only(harness):
+    from prefect import flow, task
+
+    from flows.prefect_flows import _transient
+    from ktoloop.store import StoreLockedError
+
+    calls = {"locked": 0, "bad": 0}
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=_transient)
+    def locked():
+        calls["locked"] += 1
+        raise StoreLockedError("file locked")
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=_transient)
+    def bad_data():
+        calls["bad"] += 1
+        raise ValueError("bad data")
+
+    @flow
+    def both():
+        for fn in (locked, bad_data):
+            fn(return_state=True)
+
+    both()
+    assert calls == {"locked": 3, "bad": 1}

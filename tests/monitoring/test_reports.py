@@ -1,0 +1,112 @@
+"""Evidently output: HTML/JSON reports, the workspace's runs and dashboard, and the CLI that writes them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ktoloop.store import Store
+from monitoring.drift import Window
+from monitoring.reports import drift_report
+from monitoring.synthetic import feedback_frame, insert_feedback
+
+T0 = dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc)
+WEEK = dt.timedelta(days=7)
+
+
+@pytest.fixture()
+def three_weeks(tmp_path) -> Store:
+    store = Store(tmp_path / "k.duckdb")
+    for week, rate in enumerate([0.70, 0.70, 0.62]):
+        insert_feedback(store, feedback_frame(5000, T0 + week * WEEK, T0 + (week + 1) * WEEK, up_rate=rate,
+                                              seed=week))
+    insert_feedback(store, feedback_frame(600, T0 + 2 * WEEK, T0 + 3 * WEEK, up_rate=0.5, model_version="v2",
+                                          seed=9))
+    return store
+
+
+def series(workspace, project_id, metric_type: str, **labels: str):
+    from evidently.ui.service.base import SeriesFilter
+    from evidently.ui.service.storage.local.base import InMemoryDataStorage
+
+    storage = InMemoryDataStorage(str(workspace))
+    flt = SeriesFilter(tags=[], metadata={}, metric=f"evidently:metric_v2:{metric_type}", metric_labels=labels)
+    return asyncio.run(storage.get_data_series(project_id, [flt], None, None)).series
+
+
+def test_two_reports_fill_the_workspace_and_its_panels(three_weeks, tmp_path):
+    from monitoring.workspace import open_project
+
+    ws, out = tmp_path / "workspace", tmp_path / "reports"
+    first = drift_report(three_weeks, out, reference=Window(T0, T0 + WEEK), current=Window(T0 + WEEK, T0 + 2 * WEEK),
+                         workspace=ws)
+    second = drift_report(three_weeks, out, reference=Window(T0 + WEEK, T0 + 2 * WEEK),
+                          current=Window(T0 + 2 * WEEK, T0 + 3 * WEEK), workspace=ws)
+    assert not first.finding.drifted and second.finding.drifted
+    for report in (first, second):
+        assert report.html.stat().st_size > 10_000 and "<html" in report.html.read_text()[:2000].lower()
+        metrics = json.loads(report.json.read_text())["metrics"]
+        finding = json.loads(report.finding_json.read_text())
+        # the Evidently metric recomputes the finding's p-value from the same counts
+        evidently_p = next(m["value"] for m in metrics if m["config"]["type"].endswith("ShareDriftPValue")
+                           and m["config"]["stat"] == "label" and m["config"]["scope"] == "*")
+        assert evidently_p == pytest.approx(finding["p_values"]["thumbs_up_rate[*]"])
+
+    workspace, project = open_project(ws)
+    assert len(workspace.list_runs(project.id)) == 2
+    dashboard = workspace.get_dashboard(project.id)
+    titles = {p.title for p in dashboard.panels}
+    assert {"Thumbs-up rate over time", "Thumbs-up rate per model version",
+            "Thumbs-up drift p-value (two-proportion z-test)", "Capability scores across model versions"} <= titles
+    overall = series(ws, project.id, "FeedbackShare", stat="label", scope="*")
+    assert [round(v, 3) for v in overall[0].values] == [0.70, round((0.62 * 5000 + 300) / 5600, 3)]
+    per_version = {s.params["scope"]: s.values for s in series(ws, project.id, "FeedbackShare", stat="label")}
+    assert per_version["v2"][-1] == pytest.approx(0.5)
+    assert {s.params["stat"] for s in series(ws, project.id, "ShareDriftPValue")} >= {"label"}
+
+
+def test_workspace_loads_without_our_metric_classes(three_weeks, tmp_path):
+    """`evidently ui` runs in its own process, which never imports monitoring: snapshots must load there."""
+    ws = tmp_path / "workspace"
+    drift_report(three_weeks, tmp_path / "r", reference=Window(T0, T0 + WEEK),
+                 current=Window(T0 + WEEK, T0 + 2 * WEEK), workspace=ws)
+    code = ("import sys; from evidently.ui.service.storage.local.base import LocalState; "
+            "s = LocalState.load(sys.argv[1], None); print(sum(len(v) for v in s.snapshots.values()))")
+    out = subprocess.run([sys.executable, "-c", code, str(ws)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("1")
+
+
+def test_capability_runs_show_per_model(tmp_path):
+    from monitoring.harness import BenchmarkResult, EvalRun
+    from monitoring.reports import capability_snapshot
+    from monitoring.workspace import log_run, open_project
+
+    ws = tmp_path / "workspace"
+    for model_id, acc in [("v1", 0.52), ("v2", 0.55)]:
+        result = BenchmarkResult("arc_easy", {"acc": (acc, 0.02), "acc_norm": (acc - 0.01, 0.02)}, [0, 1], {}, 1.0)
+        log_run(ws, capability_snapshot(EvalRun(f"run-{model_id}", model_id, None, "quick", {"arc_easy": result})))
+    _, project = open_project(ws)
+    acc = next(s for s in series(ws, project.id, "BenchmarkScore", benchmark="arc_easy", metric="acc"))
+    assert acc.values == [pytest.approx(0.52), pytest.approx(0.55)]
+
+
+def test_cli_monitor_report(three_weeks, tmp_path, monkeypatch, capsys):
+    from ktoloop.cli import main
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("KTOLOOP_HOME", str(home))
+    monkeypatch.delenv("KTOLOOP_CONFIG", raising=False)
+    (home / "ktoloop.duckdb").write_bytes(three_weeks.path.read_bytes())
+    assert main(["monitor", "report", "--current-window", f"{(T0 + 2 * WEEK).isoformat()}/{(T0 + 3 * WEEK).isoformat()}"]) == 0
+    out = capsys.readouterr().out
+    assert "DRIFT" in out and "thumbs_up_rate" in out
+    assert list((home / "monitoring" / "reports").glob("*.html"))
+    assert (home / "monitoring" / "workspace").is_dir()
+    assert main(["monitor", "report", "--reference-window=-14d/-7d"]) == 2  # needs --current-window too

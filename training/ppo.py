@@ -1,0 +1,621 @@
+"""PPO: online optimisation of the policy against a reward, with a per-token KL penalty to the pinned reference.
+
+Each step samples prompts from the snapshot, generates completions with the current policy, scores them with
+the reward (a pinned reward model, or any ``RewardFn``), then runs ``ppo_epochs`` passes of the clipped
+surrogate + clipped value loss over minibatches, with GAE advantages on rewards ``-kl_coef * KL_t`` per token
+plus the score on the last token. LoRA by default: the reference is the same weights with the adapter disabled,
+so no second copy of the model is held. The output is what the offline trainer writes (adapter,
+``training_meta.json``, ``metrics.jsonl``), so the registry, evaluation and promotion treat it the same.
+
+    train_ppo(config, snapshot, reference, out_dir, reward, *, cache_dir=None, resume=False) -> PPOResult
+        ``reward``: a RewardModelInfo (re-hashed, must be trained on ``reference``) or a RewardFn.
+
+Stops, in order of checking: the compute budget (generated tokens / wall seconds: a step starts only if its
+worst case fits), ``max_steps``, the KL bound (the mean per-sequence KL of a rollout above ``kl_bound``), and
+reward hacking (the mean reward since the last held-out evaluation is above the one at the best held-out
+preference accuracy while the accuracy fell more than ``accuracy_drop`` below that best). A guard stop is
+recorded in the metadata under ``stop`` (``guard: true``) so promotion can refuse the candidate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ktoloop.config import ConfigError
+from ktoloop.errors import KtoLoopError
+from ktoloop.snapshot import Snapshot
+from training.config import TrainConfig
+from training.data import render_prompt
+from training.evaluate import evaluate_preference, fill_reference, has_split
+from training.reference import Reference
+
+log = logging.getLogger(__name__)
+
+META_FILE = "training_meta.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+VALUE_HEAD_FILE = "value_head.safetensors"
+DEVICES = ("auto", "cpu", "cuda")
+BUDGET_FIELDS = ("max_generated_tokens", "max_seconds", "max_steps")  # may grow on --resume
+
+RewardFn = Callable[[list[list[int]], list[list[int]]], torch.Tensor]
+"""(prompt token ids, completion token ids) -> one score per completion. Completions end at (and include) the
+end-of-turn token when the policy produced one."""
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """The ``[ppo]`` section. A run needs a budget: ``max_generated_tokens`` and/or ``max_seconds``."""
+
+    max_generated_tokens: int = 0
+    """Budget: generated tokens over the whole run (resumes included); 0 = no token budget."""
+    max_seconds: float = 0.0
+    """Budget: wall seconds of the PPO loop over the whole run (resumes included; model loading and the final
+    evaluation excluded); 0 = no time budget."""
+    max_steps: int = 0
+    """PPO steps (rollout + update); 0 = until the budget is spent."""
+    rollout_batch_size: int = 16
+    """Prompts generated for per step."""
+    mini_batch_size: int = 8
+    ppo_epochs: int = 4
+    """Passes over each rollout."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    """0 = off. top_k / top_p make sampling differ from the softmax the ratios use: keep them off unless needed."""
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    """Per-token KL penalty coefficient (the reward is score - kl_coef * sum_t KL_t)."""
+    kl_bound: float = 10.0
+    """Stop when a rollout's mean per-sequence KL to the reference (nats) exceeds this."""
+    accuracy_drop: float = 0.05
+    """Reward-hacking guard: tolerated fall of held-out preference accuracy below its best while reward rises."""
+    eval_every: int = 10
+    """Steps between held-out preference evaluations (the hacking guard); 0 = only at the end."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    full_finetune: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    """0 by default: dropout would make the first PPO epoch's ratios differ from 1."""
+    lora_target_modules: tuple[str, ...] | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    max_prompt_length: int = 256
+    max_length: int = 512
+    """Prompt + completion tokens when scoring held-out preferences (as ``[training].max_length``)."""
+    seed: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    reference: str = ""
+    """Pinned reference name; empty = the one whose model_version matches the snapshot."""
+    reward_model: str = ""
+    """Pinned reward model name; empty = the newest trained for the reference."""
+
+    gradient_checkpointing = False  # read by training.trainer._trainable; generation needs the KV cache
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+        if self.device not in DEVICES:
+            raise ConfigError(f"ppo.device must be one of {list(DEVICES)}, got {self.device!r}")
+        for name in ("rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "temperature",
+                     "lr", "clip_range", "clip_range_value", "kl_bound", "max_prompt_length", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ppo.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_generated_tokens", "max_seconds", "max_steps", "top_k", "kl_coef", "accuracy_drop",
+                     "eval_every", "vf_coef", "weight_decay", "max_grad_norm", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam", "top_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mini_batch_size > self.rollout_batch_size:
+            raise ConfigError(f"ppo.mini_batch_size ({self.mini_batch_size}) exceeds ppo.rollout_batch_size "
+                              f"({self.rollout_batch_size})")
+        if 0 < self.max_generated_tokens < self.rollout_tokens():
+            raise ConfigError(f"ppo.max_generated_tokens ({self.max_generated_tokens}) is below one rollout "
+                              f"(rollout_batch_size x max_new_tokens = {self.rollout_tokens()})")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"ppo.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                              f"ppo.max_length ({self.max_length})")
+        if not self.full_finetune and not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"ppo.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def rollout_tokens(self) -> int:
+        """The most tokens one step can generate."""
+        return self.rollout_batch_size * self.max_new_tokens
+
+    def has_budget(self) -> bool:
+        return self.max_generated_tokens > 0 or self.max_seconds > 0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "lora_target_modules": list(self.lora_target_modules)}
+
+    def fingerprint(self) -> str:
+        """Hash of everything but the budget: a resumed run may be given more tokens, steps or seconds."""
+        import hashlib
+
+        fields = {k: v for k, v in self.to_dict().items() if k not in BUDGET_FIELDS}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------------------------- the maths
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def kl_penalised_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards ``-kl_coef * (log pi - log ref)``, plus the score on each sequence's last token."""
+    kl = (logps - ref_logps) * mask
+    rewards = -kl_coef * kl
+    last = mask.long().sum(1).clamp(min=1) - 1
+    rewards[torch.arange(len(rewards), device=rewards.device), last] += scores
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation; positions past the end are masked, so the episode ends there."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(len(rewards), device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def ppo_loss(logps, values, old_logps, old_values, advantages, returns, mask,
+             config: PPOConfig) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate + vf_coef x clipped value loss, token-averaged over the completions."""
+    ratio = torch.exp(logps - old_logps)
+    clipped_ratio = ratio.clamp(1 - config.clip_range, 1 + config.clip_range)
+    policy_loss = masked_mean(torch.max(-advantages * ratio, -advantages * clipped_ratio), mask)
+    clipped_values = old_values + (values - old_values).clamp(-config.clip_range_value, config.clip_range_value)
+    value_loss = 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
+    stats = {"policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
+             "clipfrac": masked_mean(((ratio - 1).abs() > config.clip_range).float(), mask).item(),
+             "approx_kl": masked_mean(0.5 * (logps - old_logps) ** 2, mask).item()}
+    return policy_loss + config.vf_coef * value_loss, stats
+
+
+# ---------------------------------------------------------------------------------------------- rollouts
+
+@dataclass
+class Rollout:
+    """Left-padded prompts followed by completions; ``mask`` marks completion tokens up to the first end-of-turn."""
+
+    input_ids: torch.Tensor       # (B, P + T)
+    attention_mask: torch.Tensor  # (B, P + T)
+    prompt_width: int             # P
+    mask: torch.Tensor            # (B, T) float
+    prompts: list[list[int]]
+    completions: list[list[int]]
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_width:]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """As generation saw them: left padding does not shift positions."""
+        return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def select(self, rows: torch.Tensor) -> "Rollout":
+        picked = rows.tolist()
+        return Rollout(self.input_ids[rows], self.attention_mask[rows], self.prompt_width, self.mask[rows],
+                       [self.prompts[i] for i in picked], [self.completions[i] for i in picked])
+
+
+@torch.no_grad()
+def generate(policy, prompts: list[list[int]], config: PPOConfig, pad_id: int, eos_id: int,
+             device: torch.device) -> Rollout:
+    """Sample one completion per prompt with the config's sampling settings, in one batch."""
+    from transformers import GenerationConfig
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        attention[row, width - len(prompt):] = 1
+    settings = GenerationConfig(do_sample=True, temperature=config.temperature, top_k=config.top_k,
+                                top_p=config.top_p, max_new_tokens=config.max_new_tokens, pad_token_id=pad_id,
+                                eos_token_id=eos_id)
+    policy.eval()
+    out = policy.generate(input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=settings)
+    completion = out[:, width:]
+    is_eos = completion == eos_id
+    mask = (is_eos.long().cumsum(1) - is_eos.long()) == 0  # up to and including the first end-of-turn
+    completion = completion.masked_fill(~mask, pad_id)
+    return Rollout(input_ids=torch.cat([ids.to(device), completion], 1),
+                   attention_mask=torch.cat([attention.to(device), mask.long()], 1), prompt_width=width,
+                   mask=mask.float(), prompts=prompts,
+                   completions=[c[m].tolist() for c, m in zip(completion.cpu(), mask.cpu())])
+
+
+def policy_forward(model, value_head, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (B, T) of the completion under ``model`` at ``temperature``, and values (B, T)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                                position_ids=rollout.position_ids).last_hidden_state
+    states = hidden[:, rollout.prompt_width - 1: -1]  # position t predicts completion token t
+    logits = base.get_output_embeddings()(states).float() / temperature
+    targets = rollout.completion_ids
+    logps = logits.gather(2, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    values = value_head(states.float()).squeeze(-1) if value_head is not None else None
+    return logps, values
+
+
+@torch.no_grad()
+def reference_logps(policy, ref_model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """The pinned reference's log-probs: the policy with its adapter disabled, or the frozen copy (full FT)."""
+    if ref_model is not None:
+        return policy_forward(ref_model, None, rollout, temperature)[0]
+    with policy.disable_adapter():
+        return policy_forward(policy, None, rollout, temperature)[0]
+
+
+@dataclass
+class Experience:
+    """One scored rollout with everything the update needs, computed before any update."""
+
+    rollout: Rollout
+    scores: torch.Tensor
+    old_logps: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl: torch.Tensor  # (B, T) per-token log pi - log ref
+    kl_coef: float
+
+    @property
+    def tokens(self) -> int:
+        return int(self.rollout.mask.sum().item())
+
+    def metrics(self) -> dict:
+        per_seq_kl = self.kl.sum(1)
+        return {"reward": self.scores.mean().item(), "reward_std": self.scores.std().item() if len(self.scores) > 1
+                else 0.0, "kl": per_seq_kl.mean().item(),
+                "objective": (self.scores - self.kl_coef * per_seq_kl).mean().item(),
+                "completion_length": self.rollout.mask.sum(1).mean().item(), "tokens": self.tokens}
+
+
+# -------------------------------------------------------------------------------------------------- the step
+
+def experience(policy, value_head, ref_model, prompts: list[list[int]], reward_fn: RewardFn, config: PPOConfig,
+               pad_id: int, eos_id: int, device: torch.device) -> Experience:
+    """Generate, score, and compute old log-probs, values, KL-penalised rewards and advantages."""
+    rollout = generate(policy, prompts, config, pad_id, eos_id, device)
+    scores = torch.as_tensor(reward_fn(rollout.prompts, rollout.completions), dtype=torch.float32).to(device)
+    with torch.no_grad():
+        old_logps, old_values = policy_forward(policy, value_head, rollout, config.temperature)
+        ref = reference_logps(policy, ref_model, rollout, config.temperature)
+    rewards, kl = kl_penalised_rewards(scores, old_logps, ref, rollout.mask, config.kl_coef)
+    advantages, returns = gae(rewards, old_values, rollout.mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = whiten(advantages, rollout.mask)
+    return Experience(rollout, scores, old_logps, old_values, advantages, returns, kl, config.kl_coef)
+
+
+def ppo_update(policy, value_head, optimizer, exp: Experience, config: PPOConfig) -> dict:
+    """``ppo_epochs`` shuffled passes of minibatch updates over one experience batch; returns mean stats."""
+    policy.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    totals: dict[str, float] = {}
+    updates = 0
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(len(exp.scores), device=exp.scores.device)
+        for start in range(0, len(order), config.mini_batch_size):
+            rows = order[start: start + config.mini_batch_size]
+            logps, values = policy_forward(policy, value_head, exp.rollout.select(rows), config.temperature)
+            loss, stats = ppo_loss(logps, values, exp.old_logps[rows], exp.old_values[rows], exp.advantages[rows],
+                                   exp.returns[rows], exp.rollout.mask[rows], config)
+            loss.backward()
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            updates += 1
+    return {key: value / updates for key, value in totals.items()}
+
+
+# --------------------------------------------------------------------------------------------- stop rules
+
+@dataclass
+class Budget:
+    max_tokens: int
+    max_seconds: float
+    tokens: int = 0
+    seconds: float = 0.0
+    """Spent before this process started (resumed runs)."""
+
+    def exhausted(self, config: PPOConfig, elapsed: float, step_seconds: float) -> str | None:
+        """Why the next step may not start: its worst case would overrun a budget."""
+        if self.max_tokens and self.tokens + config.rollout_tokens() > self.max_tokens:
+            return "budget_tokens"
+        if self.max_seconds and self.seconds + elapsed + step_seconds > self.max_seconds:
+            return "budget_seconds"
+        return None
+
+
+@dataclass
+class HackingGuard:
+    kl_bound: float
+    accuracy_drop: float
+    evals: list[dict] = field(default_factory=list)
+    """{"step", "reward", "accuracy"} per held-out evaluation."""
+
+    def check_kl(self, kl: float) -> str | None:
+        if kl > self.kl_bound:
+            return f"KL to the reference {kl:.3f} nats exceeds ppo.kl_bound {self.kl_bound}"
+        return None
+
+    def check_eval(self, step: int, reward: float, accuracy: float) -> str | None:
+        """Reward above the best-accuracy evaluation's while accuracy fell more than ``accuracy_drop`` below it."""
+        best = max(self.evals, key=lambda e: e["accuracy"]) if self.evals else None
+        self.evals.append({"step": step, "reward": reward, "accuracy": accuracy})
+        if best and reward > best["reward"] and accuracy < best["accuracy"] - self.accuracy_drop:
+            return (f"reward rose ({best['reward']:.4f} at step {best['step']} -> {reward:.4f}) while held-out "
+                    f"preference accuracy fell ({best['accuracy']:.3f} -> {accuracy:.3f})")
+        return None
+
+
+# --------------------------------------------------------------------------------------------------- the run
+
+@dataclass
+class PPOResult:
+    out_dir: Path
+    meta: dict
+
+    @property
+    def eval(self) -> dict | None:
+        return self.meta.get("eval")
+
+    @property
+    def stop(self) -> dict:
+        return self.meta["stop"]
+
+
+def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path, reward, *,
+              cache_dir: str | Path | None = None, resume: bool = False) -> PPOResult:
+    """Run PPO; see the module docstring. ``reward``: a RewardModelInfo or a RewardFn."""
+    from training.modeling import load_model
+    from training.trainer import _lib_versions, _save_model, _setup_processes, _trainable, _truncate_metrics
+
+    out_dir = Path(out_dir)
+    if (out_dir / META_FILE).is_file():
+        if resume:
+            return PPOResult(out_dir, json.loads((out_dir / META_FILE).read_text()))
+        raise KtoLoopError(f"{out_dir} already holds a finished run; use --resume to reuse it or another --run-id")
+    if not config.has_budget():
+        raise ConfigError("PPO needs a compute budget: set ppo.max_generated_tokens and/or ppo.max_seconds")
+    reference.check_version(snapshot.manifest.model_version)
+    reference.verify()
+    device, _, world = _setup_processes(config)
+    if world > 1:
+        raise KtoLoopError("PPO runs in one process; launch it without torchrun")
+    cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
+    started = time.time()
+
+    torch.manual_seed(config.seed)
+    policy, tokenizer = load_model(reference.path, device=device)
+    reward_fn, reward_record = _reward_source(reward, reference, device)
+    prompts = _prompts(snapshot, tokenizer, config)
+    eval_config = _eval_config(snapshot, config)
+    if eval_config:  # cache held-out reference log-probs while the policy still *is* the reference
+        fill_reference(policy, tokenizer, snapshot, reference, eval_config, "eval", cache_dir)
+    ref_model = load_model(reference.path, device=device)[0].requires_grad_(False) if config.full_finetune else None
+    policy = _trainable(policy, config)
+    value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(device)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    budget = Budget(config.max_generated_tokens, config.max_seconds)
+    guard = HackingGuard(config.kl_bound, config.accuracy_drop)
+    state = {"step": 0, "window": [], "first": None}
+    if resume:
+        _load_checkpoint(out_dir, policy, value_head, optimizer, config, budget, guard, state)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _truncate_metrics(out_dir / METRICS_FILE, state["step"])
+    step, stop, step_seconds, clock = state["step"], None, 0.0, time.perf_counter()
+
+    while stop is None:
+        if config.max_steps and step >= config.max_steps:
+            stop = ("max_steps", "")
+            break
+        if why := budget.exhausted(config, time.perf_counter() - clock, step_seconds):
+            stop = (why, f"spent {budget.tokens} tokens, {budget.seconds + time.perf_counter() - clock:.1f} s")
+            break
+        t0 = time.perf_counter()
+        exp = experience(policy, value_head, ref_model, _sample(prompts, step, config), reward_fn, config,
+                         tokenizer.pad_token_id, tokenizer.eos_token_id, device)
+        budget.tokens += exp.tokens
+        metrics = {"step": step + 1, **exp.metrics(), "tokens_total": budget.tokens}
+        state["first"] = state["first"] or metrics
+        state["window"].append(metrics["reward"])
+        if why := guard.check_kl(metrics["kl"]):
+            stop = ("kl_bound", why)
+        else:
+            metrics.update(ppo_update(policy, value_head, optimizer, exp, config))
+            step += 1
+            if eval_config and config.eval_every and step % config.eval_every == 0:
+                score = evaluate_preference(policy, tokenizer, snapshot, reference, eval_config, cache_dir=cache_dir)
+                window_reward = sum(state["window"]) / len(state["window"])
+                state["window"] = []
+                metrics["eval_accuracy"] = score.accuracy
+                if why := guard.check_eval(step, window_reward, score.accuracy):
+                    stop = ("reward_hacking", why)
+        step_seconds = time.perf_counter() - t0
+        metrics.update(seconds=round(step_seconds, 4), seconds_total=round(budget.seconds + time.perf_counter() - clock, 2))
+        with (out_dir / METRICS_FILE).open("a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        log.info("ppo step %d: reward %.4f, kl %.4f, %d tokens so far (%.1f s/step)", metrics["step"],
+                 metrics["reward"], metrics["kl"], budget.tokens, step_seconds)
+        if stop is None and config.checkpoint_every and step % config.checkpoint_every == 0:
+            _save_checkpoint(out_dir, step, policy, value_head, optimizer, config,
+                             budget.seconds + time.perf_counter() - clock, budget, guard, state)
+
+    reason, detail = stop
+    guard_stop = reason in ("kl_bound", "reward_hacking")
+    (log.warning if guard_stop else log.info)("PPO stopped after %d steps: %s %s", step, reason, detail)
+    score = evaluate_preference(policy, tokenizer, snapshot, reference, eval_config, cache_dir=cache_dir) \
+        if eval_config else None
+    _save_model(policy, tokenizer, config, out_dir)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, out_dir / VALUE_HEAD_FILE)
+    meta = _meta(config, snapshot, reference, reward_record, step, len(prompts), started, score, out_dir, budget,
+                 {"reason": reason, "detail": detail, "guard": guard_stop, "step": step}, guard, state["first"])
+    meta["versions"] = {"torch": torch.__version__, **_lib_versions()}
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return PPOResult(out_dir, meta)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def _reward_source(reward, reference: Reference, device) -> tuple[RewardFn, dict]:
+    """A pinned reward model (verified, loaded) or a plain function, and how the metadata names it."""
+    from training.reward import RewardModelInfo, load_reward_model
+
+    if isinstance(reward, RewardModelInfo):
+        model = load_reward_model(reward, reference, device)
+        return model.score, {"kind": "reward_model", "name": reward.name, "sha256": reward.sha256,
+                             "path": reward.path, "snapshot": reward.snapshot, "eval": reward.eval}
+    if callable(reward):
+        return reward, {"kind": "function", "name": getattr(reward, "__name__", type(reward).__name__)}
+    raise KtoLoopError(f"PPO needs a reward model or a reward function, got {type(reward).__name__}; train one "
+                       f"with `ktoloop reward train --snapshot ID`")
+
+
+def _prompts(snapshot: Snapshot, tokenizer, config: PPOConfig) -> list[list[int]]:
+    """The train split's distinct prompts (thumbs and pairs), rendered as served, keeping their last tokens."""
+    texts: list[str] = []
+    for paired in (False, True):
+        if has_split(snapshot, paired, "train"):
+            frame = snapshot.pairs("train") if paired else snapshot.kto("train")
+            texts += frame["prompt"].to_list()
+    texts = list(dict.fromkeys(texts))
+    if not texts:
+        raise KtoLoopError(f"snapshot {snapshot.manifest.snapshot_id} has no train prompts to generate for")
+    return [render_prompt(tokenizer, t)[-config.max_prompt_length:] for t in texts]
+
+
+def _sample(prompts: list[list[int]], step: int, config: PPOConfig) -> list[list[int]]:
+    """Step ``step``'s prompts: a seeded draw, so a resumed run draws the same ones."""
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + step)
+    n, size = len(prompts), config.rollout_batch_size
+    rows = torch.randperm(n, generator=generator)[:size] if n >= size else torch.randint(n, (size,), generator=generator)
+    return [prompts[i] for i in rows.tolist()]
+
+
+def _eval_config(snapshot: Snapshot, config: PPOConfig) -> TrainConfig | None:
+    """How held-out preference accuracy is scored: DPO-style on eval pairs when there are some, else KTO."""
+    for method, paired in (("dpo", True), ("kto", False)):
+        if has_split(snapshot, paired, "eval"):
+            return TrainConfig(method=method, beta=max(config.kl_coef, 1e-6), max_length=config.max_length,
+                               max_prompt_length=config.max_prompt_length, batch_size=config.mini_batch_size,
+                               device=config.device)
+    return None
+
+
+def _save_checkpoint(out_dir: Path, step: int, policy, value_head, optimizer, config: PPOConfig, seconds: float,
+                     budget: Budget, guard: HackingGuard, state: dict) -> None:
+    import shutil
+
+    from training.trainer import _trainable_state
+
+    root = out_dir / CHECKPOINTS
+    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step, "config": config.fingerprint(), "trainable": _trainable_state(policy),
+                "value_head": value_head.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "tokens": budget.tokens, "seconds": seconds, "evals": guard.evals,
+                "window": state["window"], "first": state["first"]}, tmp / "state.pt")
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[: -config.keep_checkpoints]:
+        shutil.rmtree(old)
+
+
+def _load_checkpoint(out_dir: Path, policy, value_head, optimizer, config: PPOConfig, budget: Budget,
+                     guard: HackingGuard, state: dict) -> None:
+    """Restore the latest checkpoint: weights, value head, optimizer, RNG, budget spent, guard history."""
+    found = sorted((out_dir / CHECKPOINTS).glob("step-*"))
+    if not found:
+        return
+    saved = torch.load(found[-1] / "state.pt", weights_only=False)
+    if saved["config"] != config.fingerprint():
+        raise KtoLoopError(f"checkpoint {found[-1]} was written with another ppo config ({saved['config']} != "
+                           f"{config.fingerprint()}); only the budget (max_generated_tokens, max_seconds, max_steps) "
+                           f"may change on --resume")
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, value in saved["trainable"].items():
+            if name not in params:
+                raise KtoLoopError(f"checkpoint {found[-1]} does not match this model ({name}); start a fresh run")
+            params[name].copy_(value)
+    value_head.load_state_dict(saved["value_head"])
+    optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["rng"])
+    if saved["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    budget.tokens, budget.seconds = saved["tokens"], saved["seconds"]
+    guard.evals = saved["evals"]
+    state.update(step=saved["step"], window=saved["window"], first=saved["first"])
+
+
+def _meta(config, snapshot, reference, reward_record, steps, n_prompts, started, score, out_dir, budget, stop,
+          guard, first) -> dict:
+    lines = (out_dir / METRICS_FILE).read_text().splitlines() if (out_dir / METRICS_FILE).is_file() else []
+    rows = [json.loads(line) for line in lines]
+    last = rows[-1] if rows else {}
+    return {
+        "config": {**config.to_dict(), "method": "ppo"},
+        "config_fingerprint": config.fingerprint(),
+        "adapter": "full" if config.full_finetune else "lora",
+        "snapshot": {"id": snapshot.manifest.snapshot_id, "content_sha256": snapshot.manifest.content_sha256,
+                     "model_version": snapshot.manifest.model_version, "kto_weights": snapshot.manifest.kto_weights},
+        "reference": {"name": reference.name, "model_version": reference.model_version, "path": reference.path,
+                      "sha256": reference.sha256},
+        "reward": reward_record,
+        "steps": steps, "examples": n_prompts, "processes": 1,
+        "final_train_metrics": last,
+        "rollouts": {"first": {k: first[k] for k in ("step", "reward", "kl")} if first else None,
+                     "last": {k: last[k] for k in ("step", "reward", "kl")} if last else None},
+        "budget": {"max_generated_tokens": config.max_generated_tokens, "max_seconds": config.max_seconds,
+                   "generated_tokens": budget.tokens, "seconds": last.get("seconds_total", 0.0)},
+        "stop": stop,
+        "guard_evals": guard.evals,
+        "eval": dataclasses.asdict(score) if score else None,
+        "seconds": round(time.time() - started, 2),
+    }
