@@ -157,11 +157,41 @@ def heldout_preference(settings: Settings, snapshot: Snapshot, reference, candid
     from training.evaluate import evaluate_preference
     from training.modeling import load_model
 
+    if candidate is None:
+        return reference_preference(snapshot, method_config)
     base, adapter = _model_dirs(reference.path, candidate)
     model, tokenizer = load_model(base, adapter)
     score = evaluate_preference(model, tokenizer, snapshot, reference, method_config,
                                 cache_dir=settings.home_dir / "cache")
     return dataclasses.asdict(score)
+
+
+def reference_preference(snapshot: Snapshot, method_config) -> dict[str, Any]:
+    """The reference scored as a policy: its log-ratio to itself is exactly 0 for every completion, so the
+    loss is the method's loss at 0 and no completion is ranked right. Computed in closed form: running the
+    model would only add floating-point noise around these values (and minutes of CPU)."""
+    import torch
+
+    from training.losses import LOSSES, BatchInfo
+
+    method = LOSSES[method_config.method]
+    if method.paired:
+        n = snapshot.pairs("eval").height
+        info = BatchInfo(lengths=torch.ones(2 * n))
+        zeros = torch.zeros(2 * n)
+    else:
+        labels = snapshot.kto("eval")["label"].to_list()
+        n = len(labels)
+        weights = snapshot.manifest.kto_weights or {}
+        info = BatchInfo(lengths=torch.ones(n), desirable=torch.tensor(labels, dtype=torch.bool),
+                         kl_policy_logps=torch.zeros(max(n, 1)), kl_reference_logps=torch.zeros(max(n, 1)),
+                         desirable_weight=float(weights.get("desirable", 1.0)),
+                         undesirable_weight=float(weights.get("undesirable", 1.0)))
+        zeros = torch.zeros(n)
+    out = method.loss(zeros, zeros, info, method_config.beta)
+    return {"split": "eval", "method": method_config.method, "beta": method_config.beta, "examples": n,
+            "loss": out.losses.mean().item() if n else 0.0, "accuracy": out.correct.float().mean().item() if n else 0.0,
+            "reward_chosen": 0.0, "reward_rejected": 0.0, "reward_margin": 0.0, "kl": 0.0}
 
 
 def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
