@@ -29,7 +29,7 @@ from ingest.consumer import FeedbackIngestor  # noqa: E402
 from ingest.publish import publish  # noqa: E402
 from ingest.schema import encode_event  # noqa: E402
 from ingest.synthetic import synthetic_events  # noqa: E402
-from ktoloop.config import BrokerConfig, KafkaConfig, Settings  # noqa: E402
+from ktoloop.config import BrokerConfig, IngestConfig, KafkaConfig, Settings  # noqa: E402
 from ktoloop.migrations import MIGRATIONS  # noqa: E402
 
 
@@ -74,6 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--naive-sample", type=int, default=5_000)
+    parser.add_argument("--batch-events", type=int, default=IngestConfig().batch_max_events)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -89,7 +90,8 @@ def main() -> None:
 
         # raw is measured before and after the landing and the faster run kept: a conservative ratio
         raw_before = raw_consume(kafka, len(payload), 1)
-        settings = Settings(home=str(work / "home"), kafka=kafka)
+        settings = Settings(home=str(work / "home"), kafka=kafka,
+                            ingest=IngestConfig(batch_max_events=args.batch_events))
         stats = FeedbackIngestor(settings).drain()
         assert stats.landed == len(payload), stats
         land_rate = stats.consumed / stats.busy_seconds

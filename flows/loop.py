@@ -16,6 +16,7 @@ from typing import Any
 from flows import registry
 from flows.dataset import BuildResult, DatasetConfig, build_dataset
 from ktoloop.config import ConfigError, Settings, load_section
+from ktoloop.errors import KtoLoopError
 from ktoloop.snapshot import Snapshot, load_snapshot
 from ktoloop.store import Store
 
@@ -101,28 +102,70 @@ def _has_reward_model(settings: Settings, model_version: str) -> bool:
     return reward_model_for(reference_for_snapshot(model_version, settings.home_dir), settings.home_dir) is not None
 
 
+@dataclass(frozen=True)
+class TrainedRun:
+    config: dict[str, Any]
+    fingerprint: str
+    metrics: dict[str, Any]
+    """Held-out preference score on the snapshot's eval split (PreferenceScore as a dict)."""
+
+
+def _train_offline(settings: Settings, snapshot: Snapshot, reference, method: str, out_dir: Path | None):
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    config = dataclasses.replace(load_section(settings, "training", TrainConfig), method=method)
+    if out_dir is None:
+        return config.fingerprint()
+    result = train(config, snapshot, reference, out_dir, cache_dir=settings.home_dir / "cache", resume=True)
+    return TrainedRun(config.to_dict(), config.fingerprint(), result.eval or {})
+
+
+def _train_ppo(settings: Settings, snapshot: Snapshot, reference, method: str, out_dir: Path | None):
+    """PPO within the gates' token budget, against the reward model pinned for this reference."""
+    from training.ppo import PPOConfig, train_ppo
+    from training.reward import reward_model_for
+
+    gates = load_section(settings, "dataset", DatasetConfig).gates
+    config = load_section(settings, "ppo", PPOConfig)
+    if gates.ppo_budget_tokens:
+        config = dataclasses.replace(config, max_generated_tokens=gates.ppo_budget_tokens)
+    if out_dir is None:
+        return config.fingerprint()
+    result = train_ppo(config, snapshot, reference, out_dir, reward_model_for(reference, settings.home_dir),
+                       cache_dir=settings.home_dir / "cache", resume=True)
+    metrics = dict(result.eval or {})
+    if result.stop.get("guard"):  # KL bound or reward hacking: flagged, never promotable
+        metrics["guard_stop"] = result.stop
+    return TrainedRun(config.to_dict(), config.fingerprint(), metrics)
+
+
+# method -> trainer(settings, snapshot, reference, method, out_dir) (out_dir None: just the config fingerprint)
+TRAINERS = {"kto": _train_offline, "dpo": _train_offline, "ipo": _train_offline, "ppo": _train_ppo}
+
+
 def train_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate:
     """Train (or reuse) the candidate for this snapshot, method and config; register it."""
     from training.config import TrainConfig
     from training.reference import reference_for_snapshot
-    from training.trainer import train
 
     snapshot = load_snapshot(snapshot_id, settings.home_dir)
-    config = dataclasses.replace(load_section(settings, "training", TrainConfig), method=method)
-    reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir, config.reference)
-    model_id = f"{method}-{snapshot.manifest.snapshot_id}-{config.fingerprint()}"
+    reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir,
+                                       load_section(settings, "training", TrainConfig).reference)
+    trainer = TRAINERS[method]
+    model_id = f"{method}-{snapshot.manifest.snapshot_id}-{trainer(settings, snapshot, reference, method, None)}"
     store = store_of(settings)
     existing = registry.find(store, model_id)
     if existing is not None:
         log.info("reusing candidate %s (same snapshot and config)", model_id)
         return existing
     out_dir = settings.home_dir / "models" / model_id
-    result = train(config, snapshot, reference, out_dir, cache_dir=settings.home_dir / "cache", resume=True)
+    run = trainer(settings, snapshot, reference, method, out_dir)
     return registry.register(store, registry.Candidate(
         model_id=model_id, method=method, snapshot_id=snapshot.manifest.snapshot_id,
         snapshot_sha256=snapshot.manifest.content_sha256, reference_name=reference.name,
         reference_sha256=reference.sha256, model_version=reference.model_version, adapter_path=str(out_dir),
-        config=config.to_dict(), metrics=result.eval or {}, evaluation=None, status="candidate"))
+        config=run.config, metrics=run.metrics, evaluation=None, status="candidate"))
 
 
 def _model_dirs(reference_path: str, candidate: registry.Candidate | None) -> tuple[str, str | None]:
@@ -212,14 +255,19 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
 
     capability = check_regression(store, capability_run(settings, reference, candidate),
                                   capability_run(settings, reference, None), load_monitor_config(settings))
-    config = TrainConfig(**candidate.config)
+    mine = candidate.metrics
+    if "accuracy" not in mine:
+        raise KtoLoopError(f"{model_id} has no held-out preference score (empty eval split in "
+                           f"{candidate.snapshot_id}?); raise dataset.holdout_fraction")
+    # score everyone with the candidate's preference loss and beta (PPO candidates report a DPO/KTO score)
+    offline = load_section(settings, "training", TrainConfig)
+    config = dataclasses.replace(offline, method=mine.get("method", offline.method), beta=mine.get("beta", offline.beta))
     incumbent = registry.promoted(store)
     if incumbent is not None and incumbent.model_version != candidate.model_version:
         incumbent = None  # another reference's model is not comparable on this snapshot
-    mine = candidate.metrics if candidate.metrics else heldout_preference(settings, snapshot, reference, candidate, config)
     theirs = heldout_preference(settings, snapshot, reference, incumbent, config)
     gain = mine["accuracy"] - theirs["accuracy"]
-    preference_ok = gain > loop.min_preference_gain
+    preference_ok = gain > loop.min_preference_gain and "guard_stop" not in mine
     versus = incumbent.model_id if incumbent else "the reference"
     summary = (f"capability {'ok' if capability.passed else 'REGRESSION'}: "
                + "; ".join(c.describe() for c in capability.failures or capability.checks[:3])

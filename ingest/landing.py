@@ -73,6 +73,7 @@ def land(store: Store, group: str, batch: Batch) -> LandResult:
         orient="row",
     )
     with store.writer() as con:
+        con.execute("SET threads = 1")  # the consumer's poll and network threads need the other core
         con.register("batch_events", events)
         con.register("batch_rejects", rejects)
         con.register("batch_offsets", offsets)

@@ -27,6 +27,7 @@ COMMAND_MODULES: dict[str, str] = {
     "models": "flows.cli",
     "retrain": "flows.cli",
     "serve": "flows.cli",
+    "ppo": "training.cli",
     "demo": "flows.cli",
 }
 

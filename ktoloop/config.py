@@ -72,8 +72,8 @@ class BrokerConfig:
 class IngestConfig:
     """Micro-batching and validation limits for the consumer."""
 
-    batch_max_events: int = 10_000
-    batch_max_seconds: float = 1.0
+    batch_max_events: int = 20_000
+    batch_max_seconds: float = 2.0
     max_message_bytes: int = 262_144
     max_text_chars: int = 32_000
     """Limit on prompt and response length (characters)."""

@@ -13,7 +13,8 @@ so no second copy of the model is held. The output is what the offline trainer w
 Stops, in order of checking: the compute budget (generated tokens / wall seconds: a step starts only if its
 worst case fits), ``max_steps``, the KL bound (the mean per-sequence KL of a rollout above ``kl_bound``), and
 reward hacking (the mean reward since the last held-out evaluation is above the one at the best held-out
-preference accuracy while the accuracy fell more than ``accuracy_drop`` below that best). A guard stop is
+preference accuracy while the accuracy fell below that best by more than ``accuracy_drop`` and two standard
+errors). A guard stop is
 recorded in the metadata under ``stop`` (``guard: true``) so promotion can refuse the candidate.
 """
 
@@ -77,7 +78,8 @@ class PPOConfig:
     kl_bound: float = 10.0
     """Stop when a rollout's mean per-sequence KL to the reference (nats) exceeds this."""
     accuracy_drop: float = 0.05
-    """Reward-hacking guard: tolerated fall of held-out preference accuracy below its best while reward rises."""
+    """Reward-hacking guard: tolerated fall of held-out preference accuracy below its best while reward rises
+    (at least two standard errors of the eval split's accuracy)."""
     eval_every: int = 10
     """Steps between held-out preference evaluations (the hacking guard); 0 = only at the end."""
     gamma: float = 1.0
@@ -378,13 +380,17 @@ class HackingGuard:
             return f"KL to the reference {kl:.3f} nats exceeds ppo.kl_bound {self.kl_bound}"
         return None
 
-    def check_eval(self, step: int, reward: float, accuracy: float) -> str | None:
-        """Reward above the best-accuracy evaluation's while accuracy fell more than ``accuracy_drop`` below it."""
+    def check_eval(self, step: int, reward: float, accuracy: float, examples: int) -> str | None:
+        """Reward above the best-accuracy evaluation's while accuracy fell below it by more than
+        ``accuracy_drop`` and more than two standard errors (a small eval split must not trip it on noise)."""
         best = max(self.evals, key=lambda e: e["accuracy"]) if self.evals else None
         self.evals.append({"step": step, "reward": reward, "accuracy": accuracy})
-        if best and reward > best["reward"] and accuracy < best["accuracy"] - self.accuracy_drop:
+        if best is None or reward <= best["reward"]:
+            return None
+        tolerance = max(self.accuracy_drop, 2 * (best["accuracy"] * (1 - best["accuracy"]) / examples) ** 0.5)
+        if accuracy < best["accuracy"] - tolerance:
             return (f"reward rose ({best['reward']:.4f} at step {best['step']} -> {reward:.4f}) while held-out "
-                    f"preference accuracy fell ({best['accuracy']:.3f} -> {accuracy:.3f})")
+                    f"preference accuracy fell ({best['accuracy']:.3f} -> {accuracy:.3f}, tolerance {tolerance:.3f})")
         return None
 
 
@@ -472,7 +478,7 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
                 window_reward = sum(state["window"]) / len(state["window"])
                 state["window"] = []
                 metrics["eval_accuracy"] = score.accuracy
-                if why := guard.check_eval(step, window_reward, score.accuracy):
+                if why := guard.check_eval(step, window_reward, score.accuracy, score.examples):
                     stop = ("reward_hacking", why)
         step_seconds = time.perf_counter() - t0
         metrics.update(seconds=round(step_seconds, 4), seconds_total=round(budget.seconds + time.perf_counter() - clock, 2))
