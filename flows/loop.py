@@ -30,7 +30,7 @@ class LoopConfig:
     suite: str = "quick"
     """Capability suite run on the candidate and the reference before promotion."""
     min_preference_gain: float = 0.0
-    """Held-out reward accuracy must beat the incumbent's by more than this."""
+    """The held-out preference loss must be lower than the incumbent's by more than this."""
     drain_before_retrain: bool = True
     drain_interval_s: int = 300
     monitor_interval_s: int = 3600
@@ -238,8 +238,8 @@ def reference_preference(snapshot: Snapshot, method_config) -> dict[str, Any]:
 
 
 def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
-    """The promotion gate: no capability regression vs the reference, and held-out preference better than
-    the promoted model's (or the reference's when none is promoted), on the candidate's own snapshot."""
+    """The promotion gate: no capability regression vs the reference, and a lower held-out preference loss
+    than the promoted model's (or the reference's when none is promoted), on the candidate's own snapshot."""
     from monitoring.config import load_monitor_config
     from monitoring.regression import check_regression
     from training.config import TrainConfig
@@ -266,13 +266,16 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
     if incumbent is not None and incumbent.model_version != candidate.model_version:
         incumbent = None  # another reference's model is not comparable on this snapshot
     theirs = heldout_preference(settings, snapshot, reference, incumbent, config)
-    gain = mine["accuracy"] - theirs["accuracy"]
+    # the preference metric is the method's own loss on held-out prompts (lower is better); reward accuracy
+    # is reported but not gated on: the reference ties every completion, so any perturbation "beats" it
+    gain = theirs["loss"] - mine["loss"]
     preference_ok = gain > loop.min_preference_gain and "guard_stop" not in mine
     versus = incumbent.model_id if incumbent else "the reference"
     summary = (f"capability {'ok' if capability.passed else 'REGRESSION'}: "
                + "; ".join(c.describe() for c in capability.failures or capability.checks[:3])
-               + f" | held-out {config.method} reward accuracy {mine['accuracy']:.3f} vs {theirs['accuracy']:.3f} "
-               f"({versus}): {'improved' if preference_ok else 'NOT improved'} by {gain:+.3f}")
+               + f" | held-out {config.method} loss {mine['loss']:.4f} vs {theirs['loss']:.4f} ({versus}): "
+               f"{'improved' if preference_ok else 'NOT improved'} by {gain:+.4f} "
+               f"(reward accuracy {mine['accuracy']:.3f} vs {theirs['accuracy']:.3f})")
     gate = Gate(
         passed=capability.passed and preference_ok, summary=summary,
         capability={"passed": capability.passed, "checks": [dataclasses.asdict(c) for c in capability.checks],

@@ -73,6 +73,7 @@ def find(store: Store, model_id: str) -> Candidate | None:
 def list_models(store: Store) -> pl.DataFrame:
     return store.read("""
         SELECT m.model_id, m.method, m.snapshot_id, m.status, m.model_version,
+               round(CAST(m.metrics->>'$.loss' AS DOUBLE), 4) AS heldout_loss,
                round(CAST(m.metrics->>'$.accuracy' AS DOUBLE), 3) AS heldout_acc,
                m.created_at
         FROM models m ORDER BY m.created_at DESC""")

@@ -41,17 +41,8 @@ class Reference:
 
     def verify(self) -> None:
         """Re-hash the directory; refuse naming the first file that is missing, new or different."""
-        current = _hash_dir(Path(self.path))
-        for name, digest in sorted(self.files.items()):
-            if name not in current:
-                raise KtoLoopError(f"reference {self.name!r}: pinned file {self.path}/{name} is missing")
-            if current[name] != digest:
-                raise KtoLoopError(f"reference {self.name!r}: {self.path}/{name} changed since it was pinned "
-                                   f"(sha256 {current[name][:12]}..., pinned {digest[:12]}...); re-pin it with "
-                                   f"`ktoloop reference pin` under a new model version if the change is intended")
-        extra = sorted(set(current) - set(self.files))
-        if extra:
-            raise KtoLoopError(f"reference {self.name!r}: {self.path}/{extra[0]} was added since it was pinned")
+        verify_pinned_dir(self.path, self.files, f"reference {self.name!r}",
+                          "re-pin it with `ktoloop reference pin` under a new model version if the change is intended")
 
     def check_version(self, snapshot_model_version: str) -> None:
         if snapshot_model_version != self.model_version:
@@ -59,6 +50,20 @@ class Reference:
                 f"snapshot responses come from model version {snapshot_model_version!r} but reference "
                 f"{self.name!r} is {self.model_version!r}: train against the model that produced the data "
                 f"(pin it with `ktoloop reference pin PATH --model-version {snapshot_model_version}`)")
+
+
+def verify_pinned_dir(path: str, files: dict[str, str], what: str, remedy: str, ignore: tuple[str, ...] = ()) -> None:
+    """Re-hash ``path`` against its pin; raise naming the first file that is missing, changed or added."""
+    current = {k: v for k, v in _hash_dir(Path(path)).items() if k not in ignore}
+    for name, digest in sorted(files.items()):
+        if name not in current:
+            raise KtoLoopError(f"{what}: pinned file {path}/{name} is missing; {remedy}")
+        if current[name] != digest:
+            raise KtoLoopError(f"{what}: {path}/{name} changed since it was pinned (sha256 {current[name][:12]}..., "
+                               f"pinned {digest[:12]}...); {remedy}")
+    extra = sorted(set(current) - set(files))
+    if extra:
+        raise KtoLoopError(f"{what}: {path}/{extra[0]} was added since it was pinned; {remedy}")
 
 
 def references_dir(home: str | Path) -> Path:

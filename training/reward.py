@@ -31,7 +31,7 @@ from ktoloop.errors import KtoLoopError
 from ktoloop.snapshot import Snapshot
 from training.data import Encoded, collate, encode_completion, render_prompt
 from training.evaluate import has_split
-from training.reference import Reference, _hash_dir
+from training.reference import Reference, _hash_dir, verify_pinned_dir
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_meta.json"
@@ -331,12 +331,8 @@ class RewardModelInfo:
         return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()
 
     def verify(self) -> None:
-        current = _hash_dir(Path(self.path))
-        for name, digest in sorted(self.files.items()):
-            if current.get(name) != digest:
-                state = "is missing" if name not in current else "changed since it was pinned"
-                raise KtoLoopError(f"reward model {self.name!r}: {self.path}/{name} {state}; retrain it with "
-                                   f"`ktoloop reward train`")
+        verify_pinned_dir(self.path, self.files, f"reward model {self.name!r}", "retrain it with `ktoloop reward train`",
+                          ignore=(METRICS_FILE,))
 
 
 def reward_models_dir(home: str | Path) -> Path:
