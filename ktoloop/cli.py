@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from pathlib import Path
 
 from ktoloop.config import load_settings
 from ktoloop.errors import KtoLoopError
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its retries are noise; we report failures ourselves
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from an offline box
+    if args.config:  # Prefect flows (in-process or served) load their settings from the same file
+        os.environ["KTOLOOP_CONFIG"] = str(Path(args.config).resolve())
     try:
         settings = load_settings(args.config)
         return int(args.func(args, settings) or 0)
