@@ -203,3 +203,25 @@ def test_real_hh_rlhf_feedback(tmp_path, shared_data):
     assert c["prompts_with_pairs"] == c["prompts"] == 2301  # two prompts recur in HH
     assert d.train and d.method == "kto" and d.warnings  # 4,148 usable < 5,000
     assert d.eligibility["dpo"]["eligible"]
+
+
+def test_cli_builds_only_for_a_pinned_reference_version(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    from training.reference import pin_reference
+
+    home = tmp_path / "home"
+    store_with(home, [event(i, f"p{i}", f"r{i}", "up" if i % 2 else "down") for i in range(40)], "ktoloop.duckdb")
+    config = tmp_path / "k.toml"
+    config.write_text(f'home = "{home}"\n')
+    cli = [sys.executable, "-m", "ktoloop.cli", "--config", str(config), "dataset", "build"]
+    unpinned = subprocess.run(cli, capture_output=True, text=True)
+    assert unpinned.returncode == 2 and "pinned reference versions: none" in unpinned.stderr
+    pin_reference(tiny_model_dir, V1, home)
+    other = subprocess.run(cli + ["--model-version", V2], capture_output=True, text=True)
+    assert other.returncode == 2 and f"model version '{V2}' has no pinned reference" in other.stderr
+    built = subprocess.run(cli, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    assert "events in window 40," in built.stdout
+    assert "decision: NO TRAINING" in built.stdout and "< 500; no training" in built.stdout
