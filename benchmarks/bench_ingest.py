@@ -11,7 +11,6 @@ from each. Usage: python benchmarks/bench_ingest.py [--events 200000] [--naive-s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import socket
 import sys

@@ -19,7 +19,6 @@ from typing import Any
 
 from flows.eligibility import DataStats, Decision, GateConfig, decide
 from ktoloop.config import ConfigError
-from ktoloop.errors import KtoLoopError
 from ktoloop.snapshot import MANIFEST, Manifest, Snapshot, load_snapshot, snapshots_dir
 from ktoloop.store import Store
 

@@ -109,7 +109,7 @@ class PPOConfig:
     reward_model: str = ""
     """Pinned reward model name; empty = the newest trained for the reference."""
 
-    gradient_checkpointing = False  # read by training.trainer._trainable; generation needs the KV cache
+    gradient_checkpointing = False  # read by training.runtime.make_trainable; generation needs the KV cache
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
@@ -414,7 +414,7 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
               cache_dir: str | Path | None = None, resume: bool = False) -> PPOResult:
     """Run PPO; see the module docstring. ``reward``: a RewardModelInfo or a RewardFn."""
     from training.modeling import load_model
-    from training.trainer import _lib_versions, _save_model, _setup_processes, _trainable, _truncate_metrics
+    from training.runtime import lib_versions, make_trainable, save_model, setup_processes, truncate_metrics
 
     out_dir = Path(out_dir)
     if (out_dir / META_FILE).is_file():
@@ -425,7 +425,7 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
         raise ConfigError("PPO needs a compute budget: set ppo.max_generated_tokens and/or ppo.max_seconds")
     reference.check_version(snapshot.manifest.model_version)
     reference.verify()
-    device, _, world = _setup_processes(config)
+    device, _, world = setup_processes(config)
     if world > 1:
         raise KtoLoopError("PPO runs in one process; launch it without torchrun")
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
@@ -439,7 +439,7 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
     if eval_config:  # cache held-out reference log-probs while the policy still *is* the reference
         fill_reference(policy, tokenizer, snapshot, reference, eval_config, "eval", cache_dir)
     ref_model = load_model(reference.path, device=device)[0].requires_grad_(False) if config.full_finetune else None
-    policy = _trainable(policy, config)
+    policy = make_trainable(policy, config)
     value_head = torch.nn.Linear(policy.config.hidden_size, 1).to(device)
     torch.nn.init.zeros_(value_head.weight)
     torch.nn.init.zeros_(value_head.bias)
@@ -451,7 +451,7 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
     if resume:
         _load_checkpoint(out_dir, policy, value_head, optimizer, config, budget, guard, state)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _truncate_metrics(out_dir / METRICS_FILE, state["step"])
+    truncate_metrics(out_dir / METRICS_FILE, state["step"])
     step, stop, step_seconds, clock = state["step"], None, 0.0, time.perf_counter()
 
     while stop is None:
@@ -495,13 +495,13 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
     (log.warning if guard_stop else log.info)("PPO stopped after %d steps: %s %s", step, reason, detail)
     score = evaluate_preference(policy, tokenizer, snapshot, reference, eval_config, cache_dir=cache_dir) \
         if eval_config else None
-    _save_model(policy, tokenizer, config, out_dir)
+    save_model(policy, tokenizer, config, out_dir)
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, out_dir / VALUE_HEAD_FILE)
     meta = _meta(config, snapshot, reference, reward_record, step, len(prompts), started, score, out_dir, budget,
                  {"reason": reason, "detail": detail, "guard": guard_stop, "step": step}, guard, state["first"])
-    meta["versions"] = {"torch": torch.__version__, **_lib_versions()}
+    meta["versions"] = {"torch": torch.__version__, **lib_versions()}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return PPOResult(out_dir, meta)
 
@@ -557,12 +557,12 @@ def _save_checkpoint(out_dir: Path, step: int, policy, value_head, optimizer, co
                      budget: Budget, guard: HackingGuard, state: dict) -> None:
     import shutil
 
-    from training.trainer import _trainable_state
+    from training.runtime import trainable_state
 
     root = out_dir / CHECKPOINTS
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, "config": config.fingerprint(), "trainable": _trainable_state(policy),
+    torch.save({"step": step, "config": config.fingerprint(), "trainable": trainable_state(policy),
                 "value_head": value_head.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -215,14 +215,14 @@ class RewardResult:
 def train_reward(config: RewardConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path) -> RewardResult:
     """Train a reward model on ``snapshot``'s train split; writes the adapter, the head, metadata and metrics."""
     from training.modeling import load_model
-    from training.trainer import _lib_versions, _setup_processes, _trainable, _warmup_cosine
+    from training.runtime import lib_versions, make_trainable, setup_processes, warmup_cosine
 
     out_dir = Path(out_dir)
     if (out_dir / META_FILE).is_file():
         raise KtoLoopError(f"{out_dir} already holds a trained reward model; choose another --run-id")
     reference.check_version(snapshot.manifest.model_version)
     reference.verify()
-    device, _, world = _setup_processes(config)
+    device, _, world = setup_processes(config)
     if world > 1:
         raise KtoLoopError("reward model training runs in one process; launch it without torchrun")
     started = time.time()
@@ -235,13 +235,13 @@ def train_reward(config: RewardConfig, snapshot: Snapshot, reference: Reference,
     head = torch.nn.Linear(lm.config.hidden_size, 1).to(device)
     torch.nn.init.normal_(head.weight, std=1 / (lm.config.hidden_size + 1) ** 0.5)
     torch.nn.init.zeros_(head.bias)
-    model = RewardModel(_trainable(lm, config), head, tokenizer, config.max_length, config.max_prompt_length)
+    model = RewardModel(make_trainable(lm, config), head, tokenizer, config.max_length, config.max_prompt_length)
 
     steps_per_epoch = max(1, -(-max(n_pairs, n_thumbs) // config.batch_size))
     total = config.max_steps or config.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(0, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(0, total))
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / METRICS_FILE).open("w", buffering=1) as log:  # line-buffered: progress is visible
         for step in range(total):
@@ -264,7 +264,7 @@ def train_reward(config: RewardConfig, snapshot: Snapshot, reference: Reference,
                       "sha256": reference.sha256},
         "steps": total, "train": {"pairs": n_pairs, "unpaired_thumbs": n_thumbs},
         "eval": score, "seconds": round(time.time() - started, 2),
-        "versions": {"torch": torch.__version__, **_lib_versions()},
+        "versions": {"torch": torch.__version__, **lib_versions()},
     }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return RewardResult(out_dir, meta)

@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -40,6 +38,8 @@ from training.evaluate import PreferenceScore, evaluate_preference, fill_referen
 from training.logprobs import ReferenceCache, autocast, sequence_logps
 from training.losses import LOSSES, BatchInfo, Method
 from training.reference import Reference
+from training.runtime import (lib_versions, make_trainable, process_rank, save_model, setup_processes,
+                              trainable_state, truncate_metrics, warmup_cosine)
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
     reference.check_version(snapshot.manifest.model_version)
     reference.verify()
     method = LOSSES[config.method]
-    device, rank, world = _setup_processes(config)
+    device, rank, world = setup_processes(config)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     started = time.time()
 
@@ -144,15 +144,15 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
         dist.barrier()
         ref = reference_cache(snapshot, reference, config, "train", device, cache_dir)  # re-read rank 0's file
 
-    model = _trainable(model, config)
+    model = make_trainable(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, plan.total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, plan.total_steps))
     torch.manual_seed(config.seed + rank)  # dropout streams; the LoRA init above is identical on every rank
     start = _load_checkpoint(out_dir, model, optimizer, scheduler, config) if resume else 0
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(out_dir / METRICS_FILE, start)
+        truncate_metrics(out_dir / METRICS_FILE, start)
 
     for step in range(start, plan.total_steps):
         t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
         score = evaluate_preference(model, tokenizer, snapshot, reference, config, cache_dir=cache_dir)
     meta = _meta(config, snapshot, reference, plan, world, started, score, out_dir)
     if rank == 0:
-        _save_model(model, tokenizer, config, out_dir)
+        save_model(model, tokenizer, config, out_dir)
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if world > 1:
         dist.barrier()
@@ -196,7 +196,7 @@ def train_sweep(config: TrainConfig, snapshot: Snapshot, reference: Reference, o
     best = max(runs, key=lambda r: (r["eval"]["accuracy"], -r["eval"]["loss"]))
     meta = json.loads((Path(best["dir"]) / META_FILE).read_text())
     meta.update(sweep=runs, best_beta=best["beta"])
-    if _rank() == 0:
+    if process_rank() == 0:
         for file in Path(best["dir"]).iterdir():
             if file.is_file() and file.name != META_FILE:
                 shutil.copy2(file, out_dir / file.name)
@@ -260,46 +260,6 @@ def _plan(n: int, config: TrainConfig, world: int, uses_kl: bool) -> Plan:
     return Plan(n, config, world, uses_kl, steps_per_epoch, total)
 
 
-def _trainable(model, config: TrainConfig):
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.full_finetune:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
-
-
-def _warmup_cosine(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return factor
-
-
-def _setup_processes(config: TrainConfig) -> tuple[torch.device, int, int]:
-    """(device, rank, world); joins the torchrun process group (gloo on CPU, nccl on CUDA) when launched so."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    want_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise KtoLoopError("training.device is 'cuda' but no CUDA device is available")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    if want_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local), rank, world
-    return torch.device("cpu"), rank, world
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _sum_gradients(model, world: int) -> None:
     """Each rank's loss is already divided by the global batch, so summing gradients gives the global mean."""
     if world == 1:
@@ -325,17 +285,13 @@ def _step_metrics(stats: torch.Tensor, ctx: Context, grad_norm: torch.Tensor, lr
             "grad_norm": float(grad_norm), "lr": lr}
 
 
-def _trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, config: TrainConfig, rank: int) -> None:
     if rank == 0:
         root = out_dir / CHECKPOINTS
         final = root / f"step-{step:06d}"
         tmp = root / f".step-{step:06d}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": step, "config": config.fingerprint(), "trainable": _trainable_state(model),
+        torch.save({"step": step, "config": config.fingerprint(), "trainable": trainable_state(model),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -372,20 +328,6 @@ def _load_checkpoint(out_dir: Path, model, optimizer, scheduler, config: TrainCo
     return int(state["step"])
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the lines of steps after the checkpoint (they will be recomputed)."""
-    if not path.is_file():
-        return
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(l + "\n" for l in lines))
-
-
-def _save_model(model, tokenizer, config: TrainConfig, out_dir: Path) -> None:
-    model.save_pretrained(out_dir)
-    if config.full_finetune:
-        tokenizer.save_pretrained(out_dir)  # a whole model: loadable on its own
-
-
 def _meta(config, snapshot, reference, plan, world, started, score: PreferenceScore | None, out_dir: Path) -> dict:
     lines = (out_dir / METRICS_FILE).read_text().splitlines() if (out_dir / METRICS_FILE).is_file() else []
     last = json.loads(lines[-1]) if lines else {}
@@ -401,12 +343,7 @@ def _meta(config, snapshot, reference, plan, world, started, score: PreferenceSc
         "final_train_metrics": last,
         "eval": dataclasses.asdict(score) if score else None,
         "seconds": round(time.time() - started, 2),
-        "versions": {"torch": torch.__version__, **_lib_versions()},
+        "versions": {"torch": torch.__version__, **lib_versions()},
     }
 
 
-def _lib_versions() -> dict:
-    import peft
-    import transformers
-
-    return {"transformers": transformers.__version__, "peft": peft.__version__}

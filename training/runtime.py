@@ -1,0 +1,80 @@
+"""Run-time pieces every trainer shares (offline preference training, the reward model, PPO): joining the
+torchrun process group, wrapping the model for LoRA, the learning-rate schedule, and writing outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ktoloop.errors import KtoLoopError
+from training.config import TrainConfig
+
+
+def make_trainable(model, config: TrainConfig):
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.full_finetune:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def setup_processes(config: TrainConfig) -> tuple[torch.device, int, int]:
+    """(device, rank, world); joins the torchrun process group (gloo on CPU, nccl on CUDA) when launched so."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise KtoLoopError("training.device is 'cuda' but no CUDA device is available")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def process_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the lines of steps after the checkpoint (they will be recomputed)."""
+    if not path.is_file():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    path.write_text("".join(l + "\n" for l in lines))
+
+
+def save_model(model, tokenizer, config: TrainConfig, out_dir: Path) -> None:
+    model.save_pretrained(out_dir)
+    if config.full_finetune:
+        tokenizer.save_pretrained(out_dir)  # a whole model: loadable on its own
+
+
+def lib_versions() -> dict:
+    import peft
+    import transformers
+
+    return {"transformers": transformers.__version__, "peft": peft.__version__}
