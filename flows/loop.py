@@ -1,7 +1,7 @@
-"""The loop's steps as plain functions: drain, build, train, evaluate, gate, monitor, retrain.
+"""The loop's steps as plain functions: drain, build, train, evaluate, gate, monitor.
 
-The Prefect flows (``flows.prefect_flows``) and the CLI both call these, so there is one implementation
-of each step. Every step is idempotent on its inputs: a re-run with the same snapshot reuses the cached
+The Prefect flows (``flows.prefect_flows``, which also orchestrate the retrain) and the CLI both call these,
+so there is one implementation of each step. Every step is idempotent on its inputs: a re-run with the same snapshot reuses the cached
 reference log-probs, an existing candidate and its stored evaluation instead of redoing them.
 """
 
@@ -307,25 +307,3 @@ def monitor(settings: Settings):
     out = monitoring_dir(settings)
     return drift_report(store_of(settings), out / "reports", config=load_monitor_config(settings),
                         workspace=out / "workspace")
-
-
-def retrain(settings: Settings, *, trigger: str = "manual", method: str | None = None) -> RetrainOutcome:
-    """drain -> build -> decide -> train -> evaluate -> promote, without Prefect (the flow runs the same steps)."""
-    loop = load_section(settings, "flows", LoopConfig)
-    if loop.drain_before_retrain:
-        drain(settings)
-    built = build(settings, method=method)
-    return finish_retrain(settings, built, trigger)
-
-
-def finish_retrain(settings: Settings, built: BuildResult, trigger: str) -> RetrainOutcome:
-    decision = built.decision
-    snapshot_id = built.snapshot.manifest.snapshot_id
-    if not decision.train:
-        return RetrainOutcome("skipped", "; ".join(decision.reasons), trigger, snapshot_id,
-                              decision=decision.to_dict())
-    candidate = train_candidate(settings, snapshot_id, decision.method)
-    gate = evaluate_candidate(settings, candidate.model_id)
-    promoted = promote_if_passing(settings, candidate.model_id, gate)
-    return RetrainOutcome("promoted" if promoted else "rejected", gate.summary, trigger, snapshot_id,
-                          candidate.model_id, gate.to_dict(), decision.to_dict())
