@@ -192,7 +192,7 @@ def _retrain(args: argparse.Namespace, settings: Settings) -> int:
 
     from flows.prefect_flows import run_retrain_now
 
-    outcome = run_retrain_now(settings, reason=args.reason, method=args.method)
+    outcome = run_retrain_now(reason=args.reason, method=args.method)
     print(json.dumps(outcome, indent=2, default=str))
     return 0
 

@@ -15,7 +15,7 @@ from prefect import flow, task
 from prefect.events import emit_event
 
 from flows import loop
-from ktoloop.config import Settings, load_settings
+from ktoloop.config import Settings, load_section, load_settings
 from ktoloop.errors import TransientError
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def monitor_flow() -> dict[str, Any]:
     """Drift report + dashboard; on drift, emit ``kto.drift.detected`` (the trigger starts a retrain)."""
     report = monitor_task()
     finding = report.finding
-    if finding.drifted and loop.load_section(load_settings(), "flows", loop.LoopConfig).monitor_emit_event:
+    if finding.drifted and load_section(load_settings(), "flows", loop.LoopConfig).monitor_emit_event:
         emit_event(event=DRIFT_EVENT, resource=MONITOR_RESOURCE,
                    payload={"reason": "drift: " + "; ".join(finding.reasons), "finding": finding.to_dict()})
         print(f"drift detected, {DRIFT_EVENT} emitted: {finding.reasons}")
@@ -109,7 +109,7 @@ def monitor_flow() -> dict[str, Any]:
 def retrain_flow(reason: str = "manual", method: str | None = None) -> dict[str, Any]:
     """drain -> build -> decide -> train -> evaluate -> promote. Not enough data ends Completed, with the reason."""
     settings = load_settings()
-    if loop.load_section(settings, "flows", loop.LoopConfig).drain_before_retrain:
+    if load_section(settings, "flows", loop.LoopConfig).drain_before_retrain:
         drain_task()
     built = build_task(method)
     decision = built.decision
@@ -128,8 +128,9 @@ def retrain_flow(reason: str = "manual", method: str | None = None) -> dict[str,
     return dataclasses.asdict(outcome)
 
 
-def run_retrain_now(settings: Settings, *, reason: str = "manual", method: str | None = None) -> dict[str, Any]:
-    """``ktoloop retrain --now``: the retrain flow, in this process (the ephemeral API is enough)."""
+def run_retrain_now(*, reason: str = "manual", method: str | None = None) -> dict[str, Any]:
+    """``ktoloop retrain --now``: the retrain flow, in this process (the ephemeral API is enough); like a
+    served run it loads its settings from ``$KTOLOOP_CONFIG``, which the CLI sets from ``--config``."""
     return retrain_flow(reason=reason, method=method)
 
 

@@ -30,7 +30,7 @@ class StoreLockedError(TransientError):
 
 def _is_lock_error(exc: Exception) -> bool:
     text = str(exc)
-    return "lock" in text.lower() and ("Could not set lock" in text or "Conflicting lock" in text)
+    return "Could not set lock" in text or "Conflicting lock" in text
 
 
 class Store:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -183,7 +182,7 @@ def test_broker_cli_start_status_stop(tmp_path, unused_port):
     started = subprocess.run(cli(config, "broker", "start"), capture_output=True, text=True, timeout=60)
     try:
         assert started.returncode == 0, started.stderr
-        assert f"running" in started.stdout and str(unused_port) in started.stdout
+        assert "running" in started.stdout and str(unused_port) in started.stdout
         assert (tmp_path / "home" / "broker.pid").is_file() and (tmp_path / "home" / "broker.log").is_file()
         status = subprocess.run(cli(config, "broker", "status"), capture_output=True, text=True)
         assert status.returncode == 0 and "running (pid" in status.stdout
