@@ -225,3 +225,11 @@ def test_cli_builds_only_for_a_pinned_reference_version(tmp_path, tiny_model_dir
     assert built.returncode == 0, built.stderr
     assert "events in window 40," in built.stdout
     assert "decision: NO TRAINING" in built.stdout and "< 500; no training" in built.stdout
+
+
+def test_no_events_of_the_version_is_a_clean_no_training_decision(tmp_path):
+    store = store_with(tmp_path, [event(1, "p", "r", "up", version=V2)])
+    result = build_dataset(store, tmp_path, DatasetConfig(), V1)
+    counts = result.snapshot.manifest.counts
+    assert (counts["events_in_window"], counts["excluded_other_versions"], counts["answers"]) == (1, 1, 0)
+    assert not result.decision.train and "0 usable training examples" in result.decision.reasons[0]
