@@ -41,6 +41,9 @@ class TrainConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: tuple[str, ...] | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_layers: int = 0
+    """LoRA on the top N transformer layers only (0 = all): backward then stops at the lowest adapted layer
+    (SmolLM2 on CPU, top 8 of 30: 3.5 s instead of 7 s per 16 x 192-token step)."""
     max_length: int = 512
     """Prompt + completion tokens; longer examples keep the prompt's end and the completion's start."""
     max_prompt_length: int = 256
@@ -66,7 +69,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"training.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("epochs", "max_steps", "warmup_steps", "checkpoint_every", "weight_decay", "max_grad_norm"):
+        for name in ("epochs", "max_steps", "warmup_steps", "checkpoint_every", "weight_decay", "max_grad_norm",
+                     "lora_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"training.{name} must be >= 0, got {getattr(self, name)}")
         if self.epochs == 0 and self.max_steps == 0:

@@ -97,6 +97,9 @@ class PPOConfig:
     lora_dropout: float = 0.0
     """0 by default: dropout would make the first PPO epoch's ratios differ from 1."""
     lora_target_modules: tuple[str, ...] | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_layers: int = 0
+    """LoRA on the top N transformer layers only (0 = all): backward then stops at the lowest adapted layer
+    (SmolLM2 on CPU, top 8 of 30: 3.5 s instead of 7 s per 16 x 192-token step)."""
     max_prompt_length: int = 256
     max_length: int = 512
     """Prompt + completion tokens when scoring held-out preferences (as ``[training].max_length``)."""
@@ -120,7 +123,8 @@ class PPOConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ppo.{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_generated_tokens", "max_seconds", "max_steps", "top_k", "kl_coef", "accuracy_drop",
-                     "eval_every", "vf_coef", "weight_decay", "max_grad_norm", "checkpoint_every"):
+                     "eval_every", "vf_coef", "weight_decay", "max_grad_norm", "checkpoint_every",
+                     "lora_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("gamma", "lam", "top_p"):

@@ -58,6 +58,9 @@ class RewardConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: tuple[str, ...] | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_layers: int = 0
+    """LoRA on the top N transformer layers only (0 = all): backward then stops at the lowest adapted layer
+    (SmolLM2 on CPU, top 8 of 30: 3.5 s instead of 7 s per 16 x 192-token step)."""
     max_length: int = 512
     max_prompt_length: int = 256
     seed: int = 0
@@ -76,7 +79,7 @@ class RewardConfig:
         for name in ("lr", "batch_size", "max_length", "max_prompt_length", "lora_r", "lora_alpha"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"reward.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("epochs", "max_steps", "unpaired_weight", "weight_decay", "max_grad_norm"):
+        for name in ("epochs", "max_steps", "unpaired_weight", "weight_decay", "max_grad_norm", "lora_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"reward.{name} must be >= 0, got {getattr(self, name)}")
         if self.epochs == 0 and self.max_steps == 0:

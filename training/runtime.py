@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ktoloop.config import ConfigError
 from ktoloop.errors import KtoLoopError
 from training.config import TrainConfig
 
@@ -22,8 +23,13 @@ def make_trainable(model, config: TrainConfig):
         return model
     from peft import LoraConfig, get_peft_model
 
+    layers = model.config.num_hidden_layers
+    if config.lora_layers > layers:
+        raise ConfigError(f"lora_layers = {config.lora_layers} but the model has {layers} layers")
+    top = list(range(layers - config.lora_layers, layers)) if config.lora_layers else None
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM")
+                      target_modules=list(config.lora_target_modules), layers_to_transform=top,
+                      task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 

@@ -12,6 +12,7 @@ from training.config import TrainConfig
     ("method", "orpo", "training.method"), ("beta", 0.0, "training.beta"), ("batch_size", 0, "training.batch_size"),
     ("lora_dropout", 1.0, "training.lora_dropout"), ("device", "tpu", "training.device"),
     ("max_prompt_length", 600, "max_prompt_length"), ("warmup_steps", -1, "training.warmup_steps"),
+    ("lora_layers", -1, "training.lora_layers"),
 ])
 def test_invalid_values_named(field, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -34,3 +35,16 @@ def test_loaded_from_toml_section(tmp_path):
     cfg.write_text('[training]\nbeta_typo = 0.3\n')
     with pytest.raises(ConfigError, match=r"beta_typo.*\[training\]"):
         load_section(load_settings(cfg), "training", TrainConfig)
+
+
+def test_lora_layers_adapts_only_the_top_layers(tiny_model_dir):
+    from training.modeling import load_model
+    from training.runtime import make_trainable
+
+    model, _ = load_model(tiny_model_dir, device="cpu")
+    adapted = make_trainable(model, TrainConfig(lora_layers=1))
+    trained = {name.split(".layers.")[1].split(".")[0] for name, p in adapted.named_parameters() if p.requires_grad}
+    assert trained == {"1"}  # the tiny model has layers 0 and 1
+    model, _ = load_model(tiny_model_dir, device="cpu")
+    with pytest.raises(ConfigError, match="lora_layers = 3 but the model has 2 layers"):
+        make_trainable(model, TrainConfig(lora_layers=3))
