@@ -67,15 +67,14 @@ def peak_memory(device: str) -> float:
 def run_ours(args, model_dir: Path, rows: list[dict], work: Path) -> dict:
     import polars as pl
 
-    from ktoloop.snapshot import MANIFEST, Manifest, load_snapshot
+    from ktoloop.snapshot import MANIFEST, Manifest, load_snapshot, write_files
     from training.config import TrainConfig
     from training.reference import pin_reference
     from training.trainer import train
 
     snap = work / "snapshot"
     snap.mkdir()
-    frame = pl.DataFrame([{**r, "prompt_key": str(i)} for i, r in enumerate(rows)])
-    frame.write_parquet(snap / "kto_train.parquet")
+    write_files(snap, {"train": pl.DataFrame([{**r, "prompt_key": str(i)} for i, r in enumerate(rows)])}, {})
     (snap / MANIFEST).write_text(Manifest("bench", "bench-" + str(len(rows)), "bench-v1",
                                           {"desirable": 1.0, "undesirable": 1.0}, {}).to_json())
     reference = pin_reference(model_dir, "bench-v1", work / "home")

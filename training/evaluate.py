@@ -46,10 +46,7 @@ class PreferenceScore:
 
 
 def has_split(snapshot: Snapshot, paired: bool, split: str) -> bool:
-    path = snapshot.path / f"{'pairs' if paired else 'kto'}_{split}.parquet"
-    if not path.is_file():
-        return False
-    return (snapshot.pairs(split) if paired else snapshot.kto(split)).height > 0
+    return snapshot.rows("pairs" if paired else "kto", split) > 0
 
 
 def split_pairs(data: Encoded, uses_kl: bool) -> tuple[list[Pair], list[Pair]]:

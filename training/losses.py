@@ -76,7 +76,7 @@ def ipo_loss(policy: torch.Tensor, reference: torch.Tensor, info: BatchInfo, bet
 class Method:
     loss: LossFn
     paired: bool
-    """Reads ``pairs_*.parquet`` (chosen, rejected) instead of ``kto_*.parquet`` (completion, label)."""
+    """Trains on the snapshot's pairs (chosen, rejected) instead of its thumbs (completion, label)."""
     uses_kl: bool
     """Needs the mismatched-pair log-probs (KTO's z), one extra no-grad forward per step."""
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import polars as pl
 
-from ktoloop.snapshot import KTO_COLUMNS, MANIFEST, PAIR_COLUMNS, Manifest, load_snapshot
+from ktoloop.snapshot import (KTO_COLUMNS, KTO_FILE, MANIFEST, PAIR_COLUMNS, PAIRS_FILE, Manifest, load_snapshot,
+                              write_files)
 
 TOPICS = ["the sky", "rivers", "bread", "chess", "the moon", "tea", "bicycles", "music", "rain", "glass",
           "owls", "maps", "salt", "clocks", "snow", "paper", "bees", "trains", "stars", "soap",
@@ -19,18 +19,18 @@ def write_snapshot(root: Path, snapshot_id: str = "snap-test", *, kto_train: lis
                    kto_eval: list[dict] | None = None, pairs_train: list[dict] | None = None,
                    pairs_eval: list[dict] | None = None, model_version: str = "tiny-v1",
                    kto_weights: dict | None = None):
-    """Write Parquet splits + manifest.json under ``root/snapshot_id`` and load it back."""
+    """Write the Parquet files + manifest.json under ``root/snapshot_id`` and load it back."""
     path = root / snapshot_id
-    path.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    splits = {"kto_train": (kto_train, KTO_COLUMNS), "kto_eval": (kto_eval, KTO_COLUMNS),
-              "pairs_train": (pairs_train, PAIR_COLUMNS), "pairs_eval": (pairs_eval, PAIR_COLUMNS)}
-    for name, (rows, schema) in splits.items():
+
+    def frame(rows: list[dict] | None, schema: dict) -> pl.DataFrame:
         rows = [{**r, "prompt_key": r.get("prompt_key", hashlib.md5(r["prompt"].encode()).hexdigest())}
                 for r in rows or []]
-        frame = pl.DataFrame(rows, schema=schema)
-        frame.write_parquet(path / f"{name}.parquet")
-        digest.update(name.encode() + json.dumps(frame.to_dicts(), sort_keys=True).encode())
+        return pl.DataFrame(rows, schema=schema)
+
+    kto = {"train": frame(kto_train, KTO_COLUMNS), "eval": frame(kto_eval, KTO_COLUMNS)}
+    pairs = {"train": frame(pairs_train, PAIR_COLUMNS), "eval": frame(pairs_eval, PAIR_COLUMNS)}
+    write_files(path, kto, pairs)
+    digest = hashlib.sha256((path / KTO_FILE).read_bytes() + (path / PAIRS_FILE).read_bytes())
     manifest = Manifest(snapshot_id=snapshot_id, content_sha256=digest.hexdigest(), model_version=model_version,
                         kto_weights=kto_weights or {"desirable": 1.0, "undesirable": 1.0},
                         decision={"method": "kto", "train": True})
