@@ -186,8 +186,9 @@ def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_v
         (work / MANIFEST).write_text(manifest.to_json())
         final = root / snapshot_id
         reused = final.exists()
-        if reused:
-            shutil.rmtree(work)  # same content already snapshotted: keep the first, its id is the same
+        if reused:  # same content already snapshotted: keep its files, refresh the decision and parameters
+            (work / MANIFEST).replace(final / MANIFEST)
+            shutil.rmtree(work)
         else:
             work.rename(final)
     except BaseException:

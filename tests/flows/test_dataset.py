@@ -11,6 +11,7 @@ from flows.dataset import DatasetConfig, build_dataset, kto_weights
 from flows.eligibility import DataStats, GateConfig, IneligibleMethod, decide
 from ingest.landing import Batch, land
 from ingest.schema import EventDecoder, encode_event
+from ktoloop.snapshot import load_snapshot
 from ktoloop.store import Store
 
 V1, V2 = "model-v1", "model-v2"
@@ -190,6 +191,10 @@ def test_same_data_same_hash_even_landed_in_another_order(tmp_path):
     assert other.snapshot.manifest.content_sha256 == first.snapshot.manifest.content_sha256
     changed = build_dataset(store_with(tmp_path, events[:-1], "fewer.duckdb"), tmp_path / "c", config(), V1)
     assert changed.snapshot.manifest.content_sha256 != first.snapshot.manifest.content_sha256
+    # same data under stricter gates: same snapshot files, the decision of this build (not the first one's)
+    strict = build_dataset(Store(tmp_path / "k.duckdb"), tmp_path / "a", config(gates={"min_examples": 10_000, "warn_examples": 10_000}), V1)
+    assert strict.reused and first.decision.train and not strict.decision.train
+    assert load_snapshot(strict.snapshot.path).manifest.decision["train"] is False
 
 
 def test_real_hh_rlhf_feedback(tmp_path, shared_data):
