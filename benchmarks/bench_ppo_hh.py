@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -51,12 +52,12 @@ rollout_batch_size = 16
 mini_batch_size = 8
 ppo_epochs = 2
 max_new_tokens = 48
-lr = 5e-5
+lr = 2e-4
 kl_coef = 0.05
 max_prompt_length = 128
 max_length = 192
 lora_layers = 8
-eval_every = 10
+eval_every = 15
 [training]
 method = "dpo"
 max_length = 192
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--ppo-tokens", type=int, default=16 * 48 * 30, help="generated-token budget")
     parser.add_argument("--ppo-seconds", type=int, default=1800)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     home = args.home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     config_path = home / "ktoloop.toml"
@@ -134,6 +136,11 @@ def report(reward, candidate: registry.Candidate, gate: loop.Gate, timings: dict
     late = sum(s["reward"] for s in steps[-k:]) / k
     print(f"\nmean reward, first {k} steps {early:+.3f} -> last {k} steps {late:+.3f} ({late - early:+.3f}); "
           f"stop: {meta.get('stop', {}).get('reason')} {meta.get('stop', {}).get('detail', '')}")
+    held = meta.get("heldout_reward") or {}
+    if held:
+        print(f"held-out prompts ({held['prompts']}, same seed): reward reference {held['reference_reward']:+.3f} -> "
+              f"PPO policy {held['policy_reward']:+.3f} (paired gain {held['gain']:+.3f} ± {held['gain_stderr']:.3f} SE); "
+              f"policy KL to reference {held['policy_kl']:.3f} nats/sequence")
     print("\n| benchmark | metric | reference | PPO candidate | delta | allowed drop |")
     print("|---|---|---:|---:|---:|---:|")
     for c in gate.capability["checks"]:

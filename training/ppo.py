@@ -15,7 +15,9 @@ worst case fits), ``max_steps``, the KL bound (the mean per-sequence KL of a rol
 reward hacking (the mean reward since the last held-out evaluation is above the one at the best held-out
 preference accuracy while the accuracy fell below that best by more than ``accuracy_drop`` and two standard
 errors). A guard stop is
-recorded in the metadata under ``stop`` (``guard: true``) so promotion can refuse the candidate.
+recorded in the metadata under ``stop`` (``guard: true``) so promotion can refuse the candidate. At the end,
+``heldout_reward`` samples ``eval_prompts`` held-out prompts from the reference and from the policy (same seed)
+and records both mean rewards, their paired difference and the policy's KL: the run's before/after.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ class PPOConfig:
     (at least two standard errors of the eval split's accuracy)."""
     eval_every: int = 10
     """Steps between held-out preference evaluations (the hacking guard); 0 = only at the end."""
+    eval_prompts: int = 32
+    """Held-out prompts (the eval split's) sampled from the reference and from the final policy with the same
+    seed and scored: the run's reward before/after and the policy's KL, in training_meta.json; 0 = skip."""
     gamma: float = 1.0
     lam: float = 0.95
     clip_range: float = 0.2
@@ -123,7 +128,7 @@ class PPOConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ppo.{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_generated_tokens", "max_seconds", "max_steps", "top_k", "kl_coef", "accuracy_drop",
-                     "eval_every", "vf_coef", "weight_decay", "max_grad_norm", "checkpoint_every",
+                     "eval_every", "eval_prompts", "vf_coef", "weight_decay", "max_grad_norm", "checkpoint_every",
                      "lora_layers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
@@ -330,6 +335,35 @@ def experience(policy, value_head, ref_model, prompts: list[list[int]], reward_f
     return Experience(rollout, scores, old_logps, old_values, advantages, returns, kl, config.kl_coef)
 
 
+@torch.no_grad()
+def heldout_reward(policy, ref_model, prompts: list[list[int]], reward_fn: RewardFn, config: PPOConfig,
+                   pad_id: int, eos_id: int, device: torch.device) -> dict:
+    """Reward of the reference's and the policy's samples on the same held-out prompts (same seed), and the
+    policy's KL to the reference on its own samples: what the run changed, on prompts it never trained on."""
+    scores: dict[str, list[float]] = {"reference": [], "policy": []}
+    kls: list[float] = []
+    for who in scores:
+        torch.manual_seed(config.seed + 1)
+        for start in range(0, len(prompts), config.rollout_batch_size):
+            batch = prompts[start:start + config.rollout_batch_size]
+            if who == "policy":
+                rollout = generate(policy, batch, config, pad_id, eos_id, device)
+                logps = policy_forward(policy, None, rollout, config.temperature)[0]
+                kl = (logps - reference_logps(policy, ref_model, rollout, config.temperature)) * rollout.mask
+                kls += kl.sum(1).tolist()
+            elif ref_model is not None:
+                rollout = generate(ref_model, batch, config, pad_id, eos_id, device)
+            else:
+                with policy.disable_adapter():
+                    rollout = generate(policy, batch, config, pad_id, eos_id, device)
+            scores[who] += torch.as_tensor(reward_fn(rollout.prompts, rollout.completions)).float().tolist()
+    gain = torch.tensor(scores["policy"]) - torch.tensor(scores["reference"])
+    return {"prompts": len(prompts), "reference_reward": sum(scores["reference"]) / len(prompts),
+            "policy_reward": sum(scores["policy"]) / len(prompts), "gain": gain.mean().item(),
+            "gain_stderr": (gain.std() / len(prompts) ** 0.5).item() if len(prompts) > 1 else None,
+            "policy_kl": sum(kls) / len(kls)}
+
+
 def ppo_update(policy, value_head, optimizer, exp: Experience, config: PPOConfig) -> dict:
     """``ppo_epochs`` shuffled passes of minibatch updates over one experience batch; returns mean stats."""
     policy.train()
@@ -499,12 +533,16 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
     (log.warning if guard_stop else log.info)("PPO stopped after %d steps: %s %s", step, reason, detail)
     score = evaluate_preference(policy, tokenizer, snapshot, reference, eval_config, cache_dir=cache_dir) \
         if eval_config else None
+    heldout = _prompts(snapshot, tokenizer, config, "eval")[:config.eval_prompts]
+    before_after = heldout_reward(policy, ref_model, heldout, reward_fn, config, tokenizer.pad_token_id,
+                                  tokenizer.eos_token_id, device) if heldout else None
     save_model(policy, tokenizer, config, out_dir)
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, out_dir / VALUE_HEAD_FILE)
     meta = _meta(config, snapshot, reference, reward_record, step, len(prompts), started, score, out_dir, budget,
                  {"reason": reason, "detail": detail, "guard": guard_stop, "step": step}, guard, state["first"])
+    meta["heldout_reward"] = before_after
     meta["versions"] = {"torch": torch.__version__, **lib_versions()}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return PPOResult(out_dir, meta)
@@ -526,15 +564,15 @@ def _reward_source(reward, reference: Reference, device) -> tuple[RewardFn, dict
                        f"with `ktoloop reward train --snapshot ID`")
 
 
-def _prompts(snapshot: Snapshot, tokenizer, config: PPOConfig) -> list[list[int]]:
-    """The train split's distinct prompts (thumbs and pairs), rendered as served, keeping their last tokens."""
+def _prompts(snapshot: Snapshot, tokenizer, config: PPOConfig, split: str = "train") -> list[list[int]]:
+    """A split's distinct prompts (thumbs and pairs), rendered as served, keeping their last tokens."""
     texts: list[str] = []
     for paired in (False, True):
-        if has_split(snapshot, paired, "train"):
-            frame = snapshot.pairs("train") if paired else snapshot.kto("train")
+        if has_split(snapshot, paired, split):
+            frame = snapshot.pairs(split) if paired else snapshot.kto(split)
             texts += frame["prompt"].to_list()
     texts = list(dict.fromkeys(texts))
-    if not texts:
+    if not texts and split == "train":
         raise KtoLoopError(f"snapshot {snapshot.manifest.snapshot_id} has no train prompts to generate for")
     return [render_prompt(tokenizer, t)[-config.max_prompt_length:] for t in texts]
 

@@ -71,6 +71,11 @@ def test_toy_reward_rises_under_the_kl_bound_within_the_token_budget(peaked, toy
     assert meta["reward"] == {"kind": "function", "name": "target_count"}
     assert meta["eval"]["method"] == "dpo" and meta["eval"]["examples"] == 8
     assert meta["rollouts"]["first"]["reward"] == metrics[0]["reward"]
+    # before/after on the 8 held-out prompts: the reference's samples vs the policy's, same seed
+    heldout = meta["heldout_reward"]
+    assert heldout["prompts"] == 8 and heldout["policy_reward"] > heldout["reference_reward"] + 0.5
+    assert heldout["gain"] == pytest.approx(heldout["policy_reward"] - heldout["reference_reward"], abs=1e-5)
+    assert heldout["policy_kl"] > 0.5  # measured after the last update, which no rollout checked against the bound
 
 
 def test_kl_bound_stops_and_flags_the_run(peaked, toy, tmp_path):
