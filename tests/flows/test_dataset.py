@@ -238,3 +238,13 @@ def test_no_events_of_the_version_is_a_clean_no_training_decision(tmp_path):
     counts = result.snapshot.manifest.counts
     assert (counts["events_in_window"], counts["excluded_other_versions"], counts["answers"]) == (1, 1, 0)
     assert not result.decision.train and "0 usable training examples" in result.decision.reasons[0]
+
+
+def test_minimum_lengths_and_sources_filter_the_window(tmp_path):
+    events = [event(i, f"prompt {i}", "ok" if i % 2 else "a longer answer", "up", source="web" if i % 3 else "app")
+              for i in range(30)]
+    store = store_with(tmp_path, events)
+    counts = build_dataset(store, tmp_path / "a", config(min_response_chars=5), V1).snapshot.manifest.counts
+    assert counts["events_in_window"] == counts["answers"] == 15  # the 2-character answers are out
+    counts = build_dataset(store, tmp_path / "b", config(sources=["app"], min_prompt_chars=9), V1).snapshot.manifest.counts
+    assert counts["events_in_window"] == 6  # source app (i % 3 == 0) and 9+ characters (i >= 10): 12, 15, ..., 27
