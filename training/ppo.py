@@ -17,7 +17,8 @@ preference accuracy while the accuracy fell below that best by more than ``accur
 errors). A guard stop is
 recorded in the metadata under ``stop`` (``guard: true``) so promotion can refuse the candidate. At the end,
 ``heldout_reward`` samples ``eval_prompts`` held-out prompts from the reference and from the policy (same seed)
-and records both mean rewards, their paired difference and the policy's KL: the run's before/after.
+and records both mean rewards, their paired difference and the policy's KL: the run's before/after. That KL
+is held to ``kl_bound`` too (no rollout measured the last update): above it, the run is flagged the same way.
 """
 
 from __future__ import annotations
@@ -536,6 +537,10 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
     heldout = _prompts(snapshot, tokenizer, config, "eval")[:config.eval_prompts]
     before_after = heldout_reward(policy, ref_model, heldout, reward_fn, config, tokenizer.pad_token_id,
                                   tokenizer.eos_token_id, device) if heldout else None
+    # no rollout has measured the policy after its last update: its held-out KL is held to the same bound
+    if before_after and not guard_stop and (why := guard.check_kl(before_after["policy_kl"])):
+        reason, detail, guard_stop = "kl_bound", f"after the last update, on held-out prompts: {why}", True
+        log.warning("PPO flagged: %s", detail)
     save_model(policy, tokenizer, config, out_dir)
     from safetensors.torch import save_file
 

@@ -52,7 +52,7 @@ def rows(out) -> list[dict]:
 
 def test_toy_reward_rises_under_the_kl_bound_within_the_token_budget(peaked, toy, tmp_path):
     reference, _, target = peaked
-    config = PPOConfig(max_generated_tokens=4 * 16 * 8 + 100, kl_bound=10.0, **LEARN)
+    config = PPOConfig(max_generated_tokens=4 * 16 * 8 + 100, kl_bound=20.0, **LEARN)
     result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache")
 
     assert result.stop == {"reason": "budget_tokens", "detail": result.stop["detail"], "guard": False, "step": 4}
@@ -75,7 +75,17 @@ def test_toy_reward_rises_under_the_kl_bound_within_the_token_budget(peaked, toy
     heldout = meta["heldout_reward"]
     assert heldout["prompts"] == 8 and heldout["policy_reward"] > heldout["reference_reward"] + 0.5
     assert heldout["gain"] == pytest.approx(heldout["policy_reward"] - heldout["reference_reward"], abs=1e-5)
-    assert heldout["policy_kl"] > 0.5  # measured after the last update, which no rollout checked against the bound
+    assert 0.5 < heldout["policy_kl"] < config.kl_bound
+
+
+def test_the_final_policy_is_held_to_the_kl_bound_on_heldout_prompts(peaked, toy, tmp_path):
+    reference, _, target = peaked
+    # one update, then the budget is spent: only the held-out check sees the policy after that update
+    config = PPOConfig(max_generated_tokens=16 * 8, kl_bound=0.01, **LEARN)
+    result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache")
+    assert rows(tmp_path / "out")[0]["kl"] < config.kl_bound  # the one rollout was the reference itself
+    assert result.stop["reason"] == "kl_bound" and result.stop["guard"] is True
+    assert result.stop["detail"].startswith("after the last update, on held-out prompts: KL to the reference")
 
 
 def test_kl_bound_stops_and_flags_the_run(peaked, toy, tmp_path):
