@@ -245,8 +245,8 @@ def _content_hash(con: Any) -> str:
     label) for KTO, (prompt key, chosen hash, rejected hash) for pairs, XOR-ed over rows under two hash seeds.
 
     DuckDB's parallel aggregation does not fix row order and hashing the text again would cost as much as
-    the build, so the identity of each row is hashed, not its bytes. The files of a snapshot id are written
-    once and never rewritten.
+    the build, so the identity of each row is hashed, not its bytes. The Parquet files of a snapshot id are
+    written once; a rebuild of the same content refreshes only its manifest (decision, parameters, watermark).
     """
     digest = hashlib.sha256(f"snapshot format {SNAPSHOT_FORMAT};".encode())
     for split, is_eval in SPLITS:

@@ -77,7 +77,7 @@ class Snapshot:
         return resolved.select([pl.col(c).cast(t) for c, t in PAIR_COLUMNS.items()])
 
     def rows(self, kind: str, split: str) -> int:
-        """Row count of ``kind`` ("kto" or "pairs") in ``split``, read from the Parquet metadata and column."""
+        """Row count of ``kind`` ("kto" or "pairs") in ``split``; reads only the split column."""
         path, columns = (self.path / KTO_FILE, KTO_STORED) if kind == "kto" else (self.path / PAIRS_FILE, PAIRS_STORED)
         return _scan(path, columns).filter(pl.col("split") == split).select(pl.len()).collect().item()
 
