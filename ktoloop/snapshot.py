@@ -104,6 +104,9 @@ def load_snapshot(ref: str | Path, home: str | Path | None = None) -> Snapshot:
         manifest = Manifest(**data)
     except (json.JSONDecodeError, TypeError) as exc:
         raise KtoLoopError(f"snapshot manifest {manifest_path} is invalid: {exc}") from exc
+    if not (path / KTO_FILE).is_file() and (path / "kto_train.parquet").is_file():
+        raise KtoLoopError(f"snapshot {path} is in the first format (kto_train.parquet, text in every pair file); "
+                           f"rebuild it with `ktoloop dataset build`: the same data gets a new id")
     return Snapshot(path, manifest)
 
 

@@ -4,7 +4,8 @@ import polars as pl
 import pytest
 
 from ktoloop.errors import KtoLoopError
-from ktoloop.snapshot import KTO_COLUMNS, KTO_FILE, PAIR_COLUMNS, PAIRS_FILE, Snapshot, write_files
+from ktoloop.snapshot import (KTO_COLUMNS, KTO_FILE, MANIFEST, PAIR_COLUMNS, PAIRS_FILE, Manifest, Snapshot,
+                              load_snapshot, write_files)
 
 
 def kto(*rows):
@@ -56,3 +57,10 @@ def test_a_pairs_file_naming_missing_answers_is_refused_with_its_name(tmp_path):
         snapshot(tmp_path).pairs("train")
     with pytest.raises(KtoLoopError, match="unknown split 'test'"):
         snapshot(tmp_path).kto("test")
+
+
+def test_a_first_format_snapshot_is_refused_with_the_remedy(tmp_path):
+    (tmp_path / MANIFEST).write_text(Manifest("ds-old", "0" * 64, "v1", {}, {}).to_json())
+    kto(("p1", "yes", True, "k1")).write_parquet(tmp_path / "kto_train.parquet")
+    with pytest.raises(KtoLoopError, match="first format.*rebuild it with `ktoloop dataset build`"):
+        load_snapshot(tmp_path)
