@@ -18,7 +18,45 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class LoraFields:
+    """The adapter fields of every trainer's section (``[training]``, ``[reward]``, ``[ppo]``), checked here once.
+
+    A subclass calls ``_check_lora(section)`` from its ``__post_init__`` and has ``full_finetune`` (a field, or
+    a class constant where full fine-tuning is not offered); ``training.runtime.make_trainable`` reads them.
+    """
+
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_layers: int = 0
+    """LoRA on the top N transformer layers only (0 = all): backward then stops at the lowest adapted layer
+    (SmolLM2 on CPU, top 8 of 30: 3.5 s instead of 7 s per 16 x 192-token step)."""
+
+    def _check_lora(self, section: str) -> None:
+        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+        if self.full_finetune:
+            return
+        for name in ("lora_r", "lora_alpha"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{section}.{name} must be > 0, got {getattr(self, name)} (or set full_finetune)")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"{section}.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            raise ConfigError(f"{section}.lora_target_modules is empty")
+        if self.lora_layers < 0:
+            raise ConfigError(f"{section}.lora_layers must be >= 0, got {self.lora_layers}")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "lora_target_modules": list(self.lora_target_modules)}
+
+    def fingerprint(self) -> str:
+        """Short hash of the resolved config (names a run, so ``--resume`` finds it again)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class TrainConfig(LoraFields):
     method: str = "kto"
     """Loss, by name in ``training.losses.LOSSES``."""
     beta: float = 0.1
@@ -37,13 +75,6 @@ class TrainConfig:
     """Gradient clipping; 0 disables it."""
     full_finetune: bool = False
     """Train every weight instead of a LoRA adapter (reference log-probs are still cached up front)."""
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: tuple[str, ...] | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    lora_layers: int = 0
-    """LoRA on the top N transformer layers only (0 = all): backward then stops at the lowest adapted layer
-    (SmolLM2 on CPU, top 8 of 30: 3.5 s instead of 7 s per 16 x 192-token step)."""
     max_length: int = 512
     """Prompt + completion tokens; longer examples keep the prompt's end and the completion's start."""
     max_prompt_length: int = 256
@@ -59,7 +90,7 @@ class TrainConfig:
     """Pinned reference name; empty = the one whose model_version matches the snapshot."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+        self._check_lora("training")
         if self.method not in METHODS:
             raise ConfigError(f"training.method must be one of {list(METHODS)}, got {self.method!r}")
         if self.device not in DEVICES:
@@ -69,8 +100,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"training.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("epochs", "max_steps", "warmup_steps", "checkpoint_every", "weight_decay", "max_grad_norm",
-                     "lora_layers"):
+        for name in ("epochs", "max_steps", "warmup_steps", "checkpoint_every", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"training.{name} must be >= 0, got {getattr(self, name)}")
         if self.epochs == 0 and self.max_steps == 0:
@@ -78,23 +108,7 @@ class TrainConfig:
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"training.max_prompt_length ({self.max_prompt_length}) must be smaller than "
                               f"training.max_length ({self.max_length}) to leave room for the completion")
-        if not self.full_finetune:
-            if self.lora_r <= 0 or self.lora_alpha <= 0:
-                raise ConfigError("training.lora_r and training.lora_alpha must be > 0 (or set full_finetune)")
-            if not 0 <= self.lora_dropout < 1:
-                raise ConfigError(f"training.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-            if not self.lora_target_modules:
-                raise ConfigError("training.lora_target_modules is empty")
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["lora_target_modules"] = list(self.lora_target_modules)
-        return data
 
     def tokenization(self) -> dict:
         """The fields that change token ids: part of the reference log-prob cache key."""
         return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length}
-
-    def fingerprint(self) -> str:
-        """Short hash of the resolved config (names a run, so ``--resume`` finds it again)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]

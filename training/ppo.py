@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,15 +36,15 @@ import torch
 from ktoloop.config import ConfigError
 from ktoloop.errors import KtoLoopError
 from ktoloop.snapshot import Snapshot
-from training.config import TrainConfig
+from training.config import LoraFields, TrainConfig
 from training.data import render_prompt
 from training.evaluate import evaluate_preference, fill_reference, has_split
 from training.reference import Reference
+from training.runtime import (META_FILE, METRICS_FILE, finished_run, last_metrics, lib_versions, make_trainable,
+                              save_model, setup_processes, trainable_state, truncate_metrics)
 
 log = logging.getLogger(__name__)
 
-META_FILE = "training_meta.json"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 VALUE_HEAD_FILE = "value_head.safetensors"
 DEVICES = ("auto", "cpu", "cuda")
@@ -56,7 +56,7 @@ end-of-turn token when the policy produced one."""
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(LoraFields):
     """The ``[ppo]`` section. A run needs a budget: ``max_generated_tokens`` and/or ``max_seconds``."""
 
     max_generated_tokens: int = 0
@@ -98,14 +98,8 @@ class PPOConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     full_finetune: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
     lora_dropout: float = 0.0
     """0 by default: dropout would make the first PPO epoch's ratios differ from 1."""
-    lora_target_modules: tuple[str, ...] | list[str] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    lora_layers: int = 0
-    """LoRA on the top N transformer layers only (0 = all): backward then stops at the lowest adapted layer
-    (SmolLM2 on CPU, top 8 of 30: 3.5 s instead of 7 s per 16 x 192-token step)."""
     max_prompt_length: int = 256
     max_length: int = 512
     """Prompt + completion tokens when scoring held-out preferences (as ``[training].max_length``)."""
@@ -121,7 +115,7 @@ class PPOConfig:
     gradient_checkpointing = False  # read by training.runtime.make_trainable; generation needs the KV cache
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
+        self._check_lora("ppo")
         if self.device not in DEVICES:
             raise ConfigError(f"ppo.device must be one of {list(DEVICES)}, got {self.device!r}")
         for name in ("rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "temperature",
@@ -129,8 +123,7 @@ class PPOConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ppo.{name} must be > 0, got {getattr(self, name)}")
         for name in ("max_generated_tokens", "max_seconds", "max_steps", "top_k", "kl_coef", "accuracy_drop",
-                     "eval_every", "eval_prompts", "vf_coef", "weight_decay", "max_grad_norm", "checkpoint_every",
-                     "lora_layers"):
+                     "eval_every", "eval_prompts", "vf_coef", "weight_decay", "max_grad_norm", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("gamma", "lam", "top_p"):
@@ -145,8 +138,6 @@ class PPOConfig:
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"ppo.max_prompt_length ({self.max_prompt_length}) must be smaller than "
                               f"ppo.max_length ({self.max_length})")
-        if not self.full_finetune and not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"ppo.lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def rollout_tokens(self) -> int:
         """The most tokens one step can generate."""
@@ -154,9 +145,6 @@ class PPOConfig:
 
     def has_budget(self) -> bool:
         return self.max_generated_tokens > 0 or self.max_seconds > 0
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "lora_target_modules": list(self.lora_target_modules)}
 
     def fingerprint(self) -> str:
         """Hash of everything but the budget: a resumed run may be given more tokens, steps or seconds."""
@@ -453,13 +441,9 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
               cache_dir: str | Path | None = None, resume: bool = False) -> PPOResult:
     """Run PPO; see the module docstring. ``reward``: a RewardModelInfo or a RewardFn."""
     from training.modeling import load_model
-    from training.runtime import lib_versions, make_trainable, save_model, setup_processes, truncate_metrics
-
     out_dir = Path(out_dir)
-    if (out_dir / META_FILE).is_file():
-        if resume:
-            return PPOResult(out_dir, json.loads((out_dir / META_FILE).read_text()))
-        raise KtoLoopError(f"{out_dir} already holds a finished run; use --resume to reuse it or another --run-id")
+    if (meta := finished_run(out_dir, resume)) is not None:
+        return PPOResult(out_dir, meta)
     if not config.has_budget():
         raise ConfigError("PPO needs a compute budget: set ppo.max_generated_tokens and/or ppo.max_seconds")
     reference.check_version(snapshot.manifest.model_version)
@@ -604,8 +588,6 @@ def _save_checkpoint(out_dir: Path, step: int, policy, value_head, optimizer, co
                      budget: Budget, guard: HackingGuard, state: dict) -> None:
     import shutil
 
-    from training.runtime import trainable_state
-
     root = out_dir / CHECKPOINTS
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -649,9 +631,7 @@ def _load_checkpoint(out_dir: Path, policy, value_head, optimizer, config: PPOCo
 
 def _meta(config, snapshot, reference, reward_record, steps, n_prompts, started, score, out_dir, budget, stop,
           guard, first) -> dict:
-    lines = (out_dir / METRICS_FILE).read_text().splitlines() if (out_dir / METRICS_FILE).is_file() else []
-    rows = [json.loads(line) for line in lines]
-    last = rows[-1] if rows else {}
+    last = last_metrics(out_dir)
     return {
         "config": {**config.to_dict(), "method": "ppo"},
         "config_fingerprint": config.fingerprint(),

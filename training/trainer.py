@@ -38,13 +38,12 @@ from training.evaluate import PreferenceScore, evaluate_preference, fill_referen
 from training.logprobs import ReferenceCache, autocast, sequence_logps
 from training.losses import LOSSES, BatchInfo, Method
 from training.reference import Reference
-from training.runtime import (lib_versions, make_trainable, process_rank, save_model, setup_processes,
-                              trainable_state, truncate_metrics, warmup_cosine)
+from training.runtime import (META_FILE, METRICS_FILE, finished_run, last_metrics, lib_versions, make_trainable,
+                              process_rank, save_model, setup_processes, trainable_state, truncate_metrics,
+                              warmup_cosine)
 
 log = logging.getLogger(__name__)
 
-META_FILE = "training_meta.json"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 
 
@@ -112,10 +111,8 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
           cache_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
     """Train one model; see the module docstring. Returns the metadata also written to training_meta.json."""
     out_dir = Path(out_dir)
-    if (out_dir / META_FILE).is_file():
-        if resume:
-            return TrainResult(out_dir, json.loads((out_dir / META_FILE).read_text()))
-        raise KtoLoopError(f"{out_dir} already holds a finished run; use --resume to reuse it or another --run-id")
+    if (meta := finished_run(out_dir, resume)) is not None:
+        return TrainResult(out_dir, meta)
     reference.check_version(snapshot.manifest.model_version)
     reference.verify()
     method = LOSSES[config.method]
@@ -329,8 +326,7 @@ def _load_checkpoint(out_dir: Path, model, optimizer, scheduler, config: TrainCo
 
 
 def _meta(config, snapshot, reference, plan, world, started, score: PreferenceScore | None, out_dir: Path) -> dict:
-    lines = (out_dir / METRICS_FILE).read_text().splitlines() if (out_dir / METRICS_FILE).is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
+    last = last_metrics(out_dir)
     return {
         "config": config.to_dict(),
         "config_fingerprint": config.fingerprint(),

@@ -48,3 +48,15 @@ def test_lora_layers_adapts_only_the_top_layers(tiny_model_dir):
     model, _ = load_model(tiny_model_dir, device="cpu")
     with pytest.raises(ConfigError, match="lora_layers = 3 but the model has 2 layers"):
         make_trainable(model, TrainConfig(lora_layers=3))
+
+
+@pytest.mark.parametrize("section", ["training", "reward", "ppo"])
+def test_every_trainer_checks_its_lora_fields_by_section_name(section):
+    from training.ppo import PPOConfig
+    from training.reward import RewardConfig
+
+    cls = {"training": TrainConfig, "reward": RewardConfig, "ppo": PPOConfig}[section]
+    for field, value in (("lora_r", 0), ("lora_alpha", -1), ("lora_dropout", 1.0), ("lora_target_modules", []),
+                         ("lora_layers", -1)):
+        with pytest.raises(ConfigError, match=rf"{section}\.{field}"):
+            cls(**{field: value})
