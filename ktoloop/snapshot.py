@@ -10,7 +10,10 @@ Training reads only snapshots, never the live ``feedback`` table, so a run is re
 Each answer's text is stored once: a pair names its two answers instead of repeating their text (both are
 rows of kto.parquet in the same split), and the split is a column, so the builder writes all of it in one
 pass over the feedback table. ``Snapshot.kto(split)`` and ``Snapshot.pairs(split)`` resolve this into the
-frames the trainers use: (prompt, completion, label, prompt_key) and (prompt, chosen, rejected, prompt_key).
+frames the trainers use: (prompt, completion, label, prompt_key) and (prompt, chosen, rejected, prompt_key),
+in a canonical order (by prompt key and answer ids) whatever order the files were written in: the builder's
+parallel COPY does not fix row order, and the training batches are drawn by row index, so the same content
+must give the same rows.
 ``write_files`` writes the format from frames, for snapshots made outside the builder (tests, imports).
 """
 
@@ -64,7 +67,8 @@ class Snapshot:
 
     def pairs(self, split: str) -> pl.DataFrame:
         answers = self._answers(split).select("prompt_key", "answer_id", "prompt", "completion")
-        pairs = _scan(self.path / PAIRS_FILE, PAIRS_STORED).filter(pl.col("split") == split).collect()
+        pairs = (_scan(self.path / PAIRS_FILE, PAIRS_STORED).filter(pl.col("split") == split)
+                 .sort("prompt_key", "chosen_id", "rejected_id").collect())
         resolved = (pairs
                     .join(answers.rename({"answer_id": "chosen_id", "completion": "chosen"}),
                           on=["prompt_key", "chosen_id"], how="left", maintain_order="left")
@@ -84,7 +88,8 @@ class Snapshot:
     def _answers(self, split: str) -> pl.DataFrame:
         if split not in SPLITS:
             raise KtoLoopError(f"unknown split {split!r}; snapshots have {list(SPLITS)}")
-        return _scan(self.path / KTO_FILE, KTO_STORED).filter(pl.col("split") == split).collect()
+        return (_scan(self.path / KTO_FILE, KTO_STORED).filter(pl.col("split") == split)
+                .sort("prompt_key", "answer_id").collect())
 
 
 def snapshots_dir(home: str | Path) -> Path:

@@ -50,6 +50,7 @@ def add_commands(subparsers) -> None:
     train.add_argument("--reference", help="pinned reference name (default: the snapshot's model version)")
     train.add_argument("--run-id", default="", help="default: <method>-<snapshot>-<config hash>")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    add_override_flags(train)
     train.set_defaults(func=cmd_train)
 
     reward = subparsers.add_parser("reward", help="train and list reward models (for PPO)")
@@ -77,7 +78,23 @@ def add_commands(subparsers) -> None:
     ppo.add_argument("--reference", help="pinned reference name (default: the snapshot's model version)")
     ppo.add_argument("--run-id", default="", help="default: ppo-<snapshot>-<config hash>")
     ppo.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    add_override_flags(ppo)
     ppo.set_defaults(func=cmd_ppo)
+
+
+def add_override_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="train although the snapshot's decision refuses it (needs --reason)")
+    parser.add_argument("--reason", default="", help="why the decision is overridden; recorded with the run")
+
+
+def override_reason(args: argparse.Namespace) -> str | None:
+    """The recorded reason of ``--force --reason``; None when not forced."""
+    if not args.force:
+        return None
+    if not args.reason.strip():
+        raise ConfigError("--force needs --reason TEXT: an override of the decision is recorded with its reason")
+    return args.reason.strip()
 
 
 def cmd_pin(args: argparse.Namespace, settings: Settings) -> int:
@@ -125,9 +142,11 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     log.info("training %s on snapshot %s against %s -> %s", config.method, snapshot.manifest.snapshot_id,
              reference.name, out_dir)
     if betas:
-        result = train_sweep(config, snapshot, reference, out_dir, betas, cache_dir=cache_dir, resume=args.resume)
+        result = train_sweep(config, snapshot, reference, out_dir, betas, cache_dir=cache_dir, resume=args.resume,
+                             override=override_reason(args))
     else:
-        result = train(config, snapshot, reference, out_dir, cache_dir=cache_dir, resume=args.resume)
+        result = train(config, snapshot, reference, out_dir, cache_dir=cache_dir, resume=args.resume,
+                       override=override_reason(args))
     print(json.dumps({"run_id": run_id, "out_dir": str(result.out_dir), "eval": result.eval,
                       "best_beta": result.meta.get("best_beta")}, indent=2))
     return 0
@@ -208,7 +227,7 @@ def cmd_ppo(args: argparse.Namespace, settings: Settings) -> int:
     log.info("PPO on snapshot %s against %s with reward model %s -> %s", snapshot.manifest.snapshot_id,
              reference.name, info.name, out_dir)
     result = train_ppo(config, snapshot, reference, out_dir, info, cache_dir=settings.home_dir / "cache",
-                       resume=args.resume)
+                       resume=args.resume, override=override_reason(args))
     print(json.dumps({"run_id": run_id, "out_dir": str(result.out_dir), "stop": result.stop,
                       "rollouts": result.meta["rollouts"], "eval": result.eval}, indent=2))
     return 0

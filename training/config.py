@@ -108,7 +108,3 @@ class TrainConfig(LoraFields):
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"training.max_prompt_length ({self.max_prompt_length}) must be smaller than "
                               f"training.max_length ({self.max_length}) to leave room for the completion")
-
-    def tokenization(self) -> dict:
-        """The fields that change token ids: part of the reference log-prob cache key."""
-        return {"max_length": self.max_length, "max_prompt_length": self.max_prompt_length}

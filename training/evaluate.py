@@ -55,10 +55,8 @@ def split_pairs(data: Encoded, uses_kl: bool) -> tuple[list[Pair], list[Pair]]:
     return data.sequences(rows), (mismatched(rows) if uses_kl else [])
 
 
-def reference_cache(snapshot: Snapshot, reference: Reference, config: TrainConfig, split: str,
-                    device: torch.device, cache_dir: str | Path) -> ReferenceCache:
-    return ReferenceCache.for_split(Path(cache_dir), reference.sha256, snapshot.manifest.content_sha256, split,
-                                    LOSSES[config.method].paired, config.tokenization(), device)
+def reference_cache(reference: Reference, device: torch.device, cache_dir: str | Path) -> ReferenceCache:
+    return ReferenceCache.for_reference(Path(cache_dir), reference.sha256, device)
 
 
 def fill_reference(ref_model, tokenizer, snapshot: Snapshot, reference: Reference, config: TrainConfig,
@@ -67,7 +65,7 @@ def fill_reference(ref_model, tokenizer, snapshot: Snapshot, reference: Referenc
     method = LOSSES[config.method]
     device = next(ref_model.parameters()).device
     data = encode_snapshot(snapshot, split, tokenizer, method.paired, config.max_length, config.max_prompt_length)
-    cache = reference_cache(snapshot, reference, config, split, device, cache_dir)
+    cache = reference_cache(reference, device, cache_dir)
     pairs, kl_pairs = split_pairs(data, method.uses_kl)
     cache.fill(ref_model, data, pairs + kl_pairs, _pad(tokenizer), device, max(config.batch_size, 8))
     return cache
@@ -81,8 +79,8 @@ def evaluate_preference(model, tokenizer, snapshot: Snapshot, reference: Referen
     device = next(model.parameters()).device
     data = encode_snapshot(snapshot, split, tokenizer, method.paired, config.max_length, config.max_prompt_length)
     pairs, kl_pairs = split_pairs(data, method.uses_kl)
-    cache = reference_cache(snapshot, reference, config, split, device, cache_dir)
-    if cache.missing(pairs + kl_pairs):
+    cache = reference_cache(reference, device, cache_dir)
+    if cache.missing(data, pairs + kl_pairs):
         from training.modeling import load_model
 
         ref_model, _ = load_model(reference.path, device=device)
@@ -92,11 +90,11 @@ def evaluate_preference(model, tokenizer, snapshot: Snapshot, reference: Referen
     policy = policy.to(device)  # the loss may all-reduce (KTO's z), and NCCL needs device tensors
     lengths = torch.tensor([len(data.tokens(p)[1]) for p in pairs], dtype=torch.float32, device=device)
     info = BatchInfo(lengths=lengths, kl_policy_logps=policy[len(pairs):],
-                     kl_reference_logps=cache.get(kl_pairs, device),
+                     kl_reference_logps=cache.get(data, kl_pairs, device),
                      desirable=torch.tensor(data.desirable, device=device) if data.desirable else None,
                      desirable_weight=float((snapshot.manifest.kto_weights or {}).get("desirable", 1.0)),
                      undesirable_weight=float((snapshot.manifest.kto_weights or {}).get("undesirable", 1.0)))
-    out = method.loss(policy[: len(pairs)], cache.get(pairs, device), info, config.beta)
+    out = method.loss(policy[: len(pairs)], cache.get(data, pairs, device), info, config.beta)
     chosen, rejected = out.chosen_rewards.mean().item(), out.rejected_rewards.mean().item()
     return PreferenceScore(split=split, method=config.method, beta=config.beta, examples=data.n,
                            loss=out.losses.mean().item(), accuracy=out.correct.float().mean().item(),

@@ -1,17 +1,19 @@
-"""Summed completion log-probs, and the on-disk cache of the reference's, computed once per
-(reference hash, snapshot hash, split, tokenisation, precision).
+"""Summed completion log-probs, and the on-disk cache of the reference's, addressed by content.
 
-Caching the reference up front is what makes a training step one forward+backward: neither a frozen copy of
-the model nor an adapter-disabled forward is needed while training.
+Caching the reference is what makes a training step one forward+backward: neither a frozen copy of the model
+nor an adapter-disabled forward is needed while training. Each cached value is keyed by a hash of the exact
+token ids it scored (prompt, completion and the boundary between them), so a snapshot rebuilt in another row
+order, a new split or a longer window can only hit values of the very same sequence, never another row's.
+One cache file per (reference hash, precision).
 """
 
 from __future__ import annotations
 
-import logging
-
 import contextlib
 import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -64,45 +66,63 @@ def compute_logps(model, data: Encoded, pairs: list[Pair], pad_id: int, device: 
     return out
 
 
+CACHE_FORMAT = 2
+"""Part of the cache file's name: files of the position-addressed format 1 are never read."""
+
+
+def sequence_key(prompt: list[int], completion: list[int]) -> bytes:
+    """16-byte blake2b of one scored sequence: its token ids and where the completion starts."""
+    digest = hashlib.blake2b(len(prompt).to_bytes(4, "little"), digest_size=16)
+    digest.update(torch.tensor(prompt + completion, dtype=torch.int64).numpy().tobytes())
+    return digest.digest()
+
+
 class ReferenceCache:
-    """(prompt row, completion row) -> reference log-prob for one (reference, snapshot split, tokenisation)."""
+    """sequence_key -> reference log-prob, for one (reference, precision); see the module docstring."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.values: dict[Pair, float] = {}
+        self.values: dict[bytes, float] = {}
         if path.is_file():
             saved = torch.load(path, weights_only=True)
-            self.values = {(int(p), int(c)): float(v) for (p, c), v in zip(saved["pairs"].tolist(), saved["logps"])}
+            self.values = {bytes(k): float(v) for k, v in zip(saved["keys"].numpy(), saved["logps"].tolist())}
 
     @classmethod
-    def for_split(cls, cache_dir: Path, reference_sha256: str, snapshot_sha256: str, split: str, paired: bool,
-                  tokenization: dict, device: torch.device) -> "ReferenceCache":
-        fields = {"reference": reference_sha256, "snapshot": snapshot_sha256, "split": split, "paired": paired,
-                  "tokenization": tokenization, "precision": precision(device)}
+    def for_reference(cls, cache_dir: Path, reference_sha256: str, device: torch.device) -> "ReferenceCache":
+        fields = {"format": CACHE_FORMAT, "reference": reference_sha256, "precision": precision(device)}
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
         return cls(Path(cache_dir) / f"reflogps-{key}.pt")
 
-    def missing(self, pairs: list[Pair]) -> list[Pair]:
-        return list(dict.fromkeys(p for p in pairs if p not in self.values))
+    @staticmethod
+    def keys(data: Encoded, pairs: list[Pair]) -> list[bytes]:
+        return [sequence_key(*data.tokens(p)) for p in pairs]
+
+    def missing(self, data: Encoded, pairs: list[Pair]) -> list[Pair]:
+        """The distinct sequences of ``pairs`` (first pair naming each) that have no cached value."""
+        todo: dict[bytes, Pair] = {}
+        for key, pair in zip(self.keys(data, pairs), pairs):
+            if key not in self.values:
+                todo.setdefault(key, pair)
+        return list(todo.values())
 
     def fill(self, model, data: Encoded, pairs: list[Pair], pad_id: int, device: torch.device,
              batch_size: int) -> int:
         """Compute and save whatever ``pairs`` are not cached yet; returns how many were computed."""
-        todo = self.missing(pairs)
+        todo = self.missing(data, pairs)
         if todo:
             log.info("reference log-probs: computing %d sequences once (cached at %s)", len(todo), self.path)
             logps = compute_logps(model, data, todo, pad_id, device, batch_size)
-            self.values.update(zip(todo, logps.tolist()))
+            self.values.update(zip(self.keys(data, todo), logps.tolist()))
             self.save()
         return len(todo)
 
-    def get(self, pairs: list[Pair], device: torch.device) -> torch.Tensor:
-        return torch.tensor([self.values[p] for p in pairs], device=device)
+    def get(self, data: Encoded, pairs: list[Pair], device: torch.device) -> torch.Tensor:
+        return torch.tensor([self.values[k] for k in self.keys(data, pairs)], device=device)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = list(self.values)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"pairs": torch.tensor(keys, dtype=torch.long).reshape(-1, 2),
-                    "logps": torch.tensor([self.values[k] for k in keys])}, tmp)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # two writers never share a temporary file
+        torch.save({"keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(-1, 16),
+                    "logps": torch.tensor([self.values[k] for k in keys], dtype=torch.float64)}, tmp)
         tmp.replace(self.path)

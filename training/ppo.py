@@ -40,8 +40,8 @@ from training.config import LoraFields, TrainConfig
 from training.data import render_prompt
 from training.evaluate import evaluate_preference, fill_reference, has_split
 from training.reference import Reference
-from training.runtime import (META_FILE, METRICS_FILE, finished_run, last_metrics, lib_versions, make_trainable,
-                              save_model, setup_processes, trainable_state, truncate_metrics)
+from training.runtime import (META_FILE, METRICS_FILE, check_decision, finished_run, last_metrics, lib_versions,
+                              make_trainable, save_model, setup_processes, trainable_state, truncate_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -438,10 +438,12 @@ class PPOResult:
 
 
 def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path, reward, *,
-              cache_dir: str | Path | None = None, resume: bool = False) -> PPOResult:
-    """Run PPO; see the module docstring. ``reward``: a RewardModelInfo or a RewardFn."""
+              cache_dir: str | Path | None = None, resume: bool = False, override: str | None = None) -> PPOResult:
+    """Run PPO; see the module docstring. ``reward``: a RewardModelInfo or a RewardFn. ``override``: the
+    reason to run on a snapshot whose decision refuses PPO (``check_decision``)."""
     from training.modeling import load_model
     out_dir = Path(out_dir)
+    overridden = check_decision(snapshot, "ppo", override)
     if (meta := finished_run(out_dir, resume)) is not None:
         return PPOResult(out_dir, meta)
     if not config.has_budget():
@@ -532,6 +534,8 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
     meta = _meta(config, snapshot, reference, reward_record, step, len(prompts), started, score, out_dir, budget,
                  {"reason": reason, "detail": detail, "guard": guard_stop, "step": step}, guard, state["first"])
     meta["heldout_reward"] = before_after
+    if overridden:
+        meta["override"] = overridden
     meta["versions"] = {"torch": torch.__version__, **lib_versions()}
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return PPOResult(out_dir, meta)

@@ -4,6 +4,7 @@ torchrun process group, wrapping the model for LoRA, the learning-rate schedule,
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -14,6 +15,35 @@ import torch.distributed as dist
 from ktoloop.config import ConfigError
 from ktoloop.errors import KtoLoopError
 from training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class TrainingRefused(KtoLoopError):
+    """The snapshot's recorded decision does not allow this training run; the message says why."""
+
+
+def check_decision(snapshot, method: str, override: str | None = None) -> dict | None:
+    """The door every trainer passes: the snapshot's decision (sufficiency gate, method eligibility) holds.
+
+    Refused: a snapshot whose decision is no training, and a method the decision did not choose and found
+    ineligible. ``override`` (a reason) lets it through; the returned record goes into the run's metadata.
+    """
+    decision = snapshot.manifest.decision or {}
+    name = snapshot.manifest.snapshot_id
+    eligibility = (decision.get("eligibility") or {}).get(method) or {}
+    problem = None
+    if not decision.get("train"):
+        problem = f"its decision is no training ({'; '.join(decision.get('reasons') or ['none recorded'])})"
+    elif method != decision.get("method") and not eligibility.get("eligible"):
+        problem = f"{method} is not eligible ({eligibility.get('reason', 'no eligibility recorded')})"
+    if problem is None:
+        return None
+    if not override:
+        raise TrainingRefused(f"snapshot {name}: {problem}; rebuild it with more data or another method, or "
+                              f"override with --force --reason TEXT (recorded with the run)")
+    log.warning("snapshot %s: %s; overridden: %s", name, problem, override)
+    return {"reason": override, "refused_because": problem}
 
 
 def make_trainable(model, config: TrainConfig):

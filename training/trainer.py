@@ -38,9 +38,9 @@ from training.evaluate import PreferenceScore, evaluate_preference, fill_referen
 from training.logprobs import ReferenceCache, autocast, sequence_logps
 from training.losses import LOSSES, BatchInfo, Method
 from training.reference import Reference
-from training.runtime import (META_FILE, METRICS_FILE, finished_run, last_metrics, lib_versions, make_trainable,
-                              process_rank, save_model, setup_processes, trainable_state, truncate_metrics,
-                              warmup_cosine)
+from training.runtime import (META_FILE, METRICS_FILE, check_decision, finished_run, last_metrics, lib_versions,
+                              make_trainable, process_rank, save_model, setup_processes, trainable_state,
+                              truncate_metrics, warmup_cosine)
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ def train_step(model, optimizer, scheduler, micro_batches, data: Encoded, ref: R
             if method.uses_kl:
                 with torch.no_grad():
                     info.kl_policy_logps = sequence_logps(model, collate(data, kl_pairs, ctx.pad_id, ctx.device))
-                info.kl_reference_logps = ref.get(kl_pairs, ctx.device)
-        out = method.loss(policy, ref.get(pairs, ctx.device), info, config.beta)
+                info.kl_reference_logps = ref.get(data, kl_pairs, ctx.device)
+        out = method.loss(policy, ref.get(data, pairs, ctx.device), info, config.beta)
         (out.losses.sum() / ctx.examples_per_step).backward()
         stats += torch.tensor([out.losses.sum().item(), len(out.losses),
                                out.chosen_rewards.sum().item(), len(out.chosen_rewards),
@@ -108,9 +108,11 @@ def train_step(model, optimizer, scheduler, micro_batches, data: Encoded, ref: R
 # ------------------------------------------------------------------------------------------------ the run
 
 def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path, *,
-          cache_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
-    """Train one model; see the module docstring. Returns the metadata also written to training_meta.json."""
+          cache_dir: str | Path | None = None, resume: bool = False, override: str | None = None) -> TrainResult:
+    """Train one model; see the module docstring. Returns the metadata also written to training_meta.json.
+    ``override``: the reason to train a snapshot whose decision refuses this run (``check_decision``)."""
     out_dir = Path(out_dir)
+    overridden = check_decision(snapshot, config.method, override)
     if (meta := finished_run(out_dir, resume)) is not None:
         return TrainResult(out_dir, meta)
     reference.check_version(snapshot.manifest.model_version)
@@ -132,14 +134,14 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
 
     # Reference log-probs for every sequence the run (and its held-out scoring) will see, before any update.
     has_eval = has_split(snapshot, method.paired, "eval")
-    ref = reference_cache(snapshot, reference, config, "train", device, cache_dir)
+    ref = reference_cache(reference, device, cache_dir)
     if rank == 0:
         ref.fill(model, data, plan.all_pairs(data), ctx.pad_id, device, max(config.batch_size, 8))
         if has_eval:
             fill_reference(model, tokenizer, snapshot, reference, config, "eval", cache_dir)
     if world > 1:
         dist.barrier()
-        ref = reference_cache(snapshot, reference, config, "train", device, cache_dir)  # re-read rank 0's file
+        ref = reference_cache(reference, device, cache_dir)  # re-read rank 0's file
 
     model = make_trainable(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
@@ -168,6 +170,8 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
     if has_eval:
         score = evaluate_preference(model, tokenizer, snapshot, reference, config, cache_dir=cache_dir)
     meta = _meta(config, snapshot, reference, plan, world, started, score, out_dir)
+    if overridden:
+        meta["override"] = overridden
     if rank == 0:
         save_model(model, tokenizer, config, out_dir)
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -177,7 +181,8 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
 
 
 def train_sweep(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path,
-                betas: list[float], *, cache_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+                betas: list[float], *, cache_dir: str | Path | None = None, resume: bool = False,
+                override: str | None = None) -> TrainResult:
     """Train one run per beta, keep the best held-out reward accuracy (ties: lower held-out loss), record all."""
     out_dir = Path(out_dir)
     if not betas:
@@ -188,7 +193,7 @@ def train_sweep(config: TrainConfig, snapshot: Snapshot, reference: Reference, o
     runs = []
     for beta in betas:
         result = train(dataclasses.replace(config, beta=beta), snapshot, reference, out_dir / f"beta-{beta:g}",
-                       cache_dir=cache_dir, resume=resume)
+                       cache_dir=cache_dir, resume=resume, override=override)
         runs.append({"beta": beta, "dir": str(result.out_dir), "eval": result.eval})
     best = max(runs, key=lambda r: (r["eval"]["accuracy"], -r["eval"]["loss"]))
     meta = json.loads((Path(best["dir"]) / META_FILE).read_text())

@@ -109,7 +109,7 @@ def test_full_finetune_reuses_the_reference_cache(tiny_reference, toy, tmp_path)
     cache = tmp_path / "cache"
     train(TrainConfig(method="dpo", max_steps=2, **FAST), toy, tiny_reference, tmp_path / "lora", cache_dir=cache)
     files = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
-    assert len(files) == 2                                             # train + eval split
+    assert len(files) == 1                               # one content-addressed file per reference
     result = train(TrainConfig(method="dpo", max_steps=2, full_finetune=True, **FAST), toy, tiny_reference,
                    tmp_path / "full", cache_dir=cache)
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == files  # nothing recomputed or rewritten

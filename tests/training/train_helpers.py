@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
+from flows.eligibility import RULES
 from ktoloop.snapshot import (KTO_COLUMNS, KTO_FILE, MANIFEST, PAIR_COLUMNS, PAIRS_FILE, Manifest, load_snapshot,
                               write_files)
 
@@ -18,7 +19,7 @@ TOPICS = ["the sky", "rivers", "bread", "chess", "the moon", "tea", "bicycles", 
 def write_snapshot(root: Path, snapshot_id: str = "snap-test", *, kto_train: list[dict] | None = None,
                    kto_eval: list[dict] | None = None, pairs_train: list[dict] | None = None,
                    pairs_eval: list[dict] | None = None, model_version: str = "tiny-v1",
-                   kto_weights: dict | None = None):
+                   kto_weights: dict | None = None, decision: dict | None = None):
     """Write the Parquet files + manifest.json under ``root/snapshot_id`` and load it back."""
     path = root / snapshot_id
 
@@ -33,9 +34,15 @@ def write_snapshot(root: Path, snapshot_id: str = "snap-test", *, kto_train: lis
     digest = hashlib.sha256((path / KTO_FILE).read_bytes() + (path / PAIRS_FILE).read_bytes())
     manifest = Manifest(snapshot_id=snapshot_id, content_sha256=digest.hexdigest(), model_version=model_version,
                         kto_weights=kto_weights or {"desirable": 1.0, "undesirable": 1.0},
-                        decision={"method": "kto", "train": True})
+                        decision=decision or all_eligible())
     (path / MANIFEST).write_text(manifest.to_json())
     return load_snapshot(path)
+
+
+def all_eligible(method: str = "kto") -> dict:
+    """A decision that trains ``method`` and finds every method eligible (hand-made snapshots)."""
+    return {"method": method, "train": True, "reasons": [f"{method}: hand-made snapshot"],
+            "eligibility": {m: {"eligible": True, "reason": "eligible"} for m in RULES}}
 
 
 def good(topic: str) -> str:
