@@ -17,6 +17,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+from duckdb.sqltypes import VARCHAR
+
 from flows.eligibility import DataStats, Decision, GateConfig, decide
 from ktoloop.config import ConfigError
 from ktoloop.snapshot import KTO_FILE, MANIFEST, PAIRS_FILE, Manifest, Snapshot, load_snapshot, snapshots_dir
@@ -87,31 +91,51 @@ SCOPE_SQL = """
 CREATE OR REPLACE TEMP TABLE scope_params
     (since TIMESTAMPTZ, until TIMESTAMPTZ, sources VARCHAR[], min_prompt INTEGER, min_response INTEGER);
 CREATE OR REPLACE TEMP VIEW scoped AS
-SELECT feedback.rowid AS rid, response, label, model_version,
-       CASE WHEN prompt_id IS NOT NULL THEN 'id:' || prompt_id
-            ELSE 'text:' || md5(lower(trim(regexp_replace(prompt, '\\s+', ' ', 'g')))) END AS prompt_key
+SELECT feedback.rowid AS rid, response, label, model_version, prompt_id, hash(prompt) AS prompt_hash
 FROM feedback, scope_params p
 WHERE event_time >= p.since AND event_time < p.until
   AND (len(p.sources) = 0 OR list_contains(p.sources, source))
   AND length(prompt) >= p.min_prompt AND length(response) >= p.min_response
 """
+# The normalised text of each distinct raw prompt of the target version ($1), normalised once per prompt
+# rather than once per event (``normalize_prompts``: NFKC, Unicode whitespace, case).
+PROMPT_TEXTS_SQL = """
+CREATE OR REPLACE TEMP TABLE prompt_texts AS
+SELECT t.prompt_hash, md5(ktoloop_normalize(f.prompt)) AS text_key
+FROM (SELECT prompt_hash, min(rid) AS rid FROM scoped WHERE model_version = $1 GROUP BY prompt_hash) t
+JOIN feedback f ON f.rowid = t.rid
+"""
 # One row per distinct answer of the target version ($1): (prompt_key, 64-bit hash of the response), with the
-# rowid of one of its events to fetch the text when writing. Set work on integers instead of carrying 10M
-# texts through GROUP BY and window is what keeps a 10M-event build in seconds. Exact duplicates collapse
-# here; an answer labelled both up and down is a conflict. The holdout is drawn per prompt ($2 salt, $3
-# share), so no prompt is in both splits; md5 (not DuckDB's hash) keeps it stable across DuckDB versions.
+# rowid of one of its events to fetch the text when writing: the event whose raw prompt hashes lowest, so
+# the prompt text trained on is a function of the content (and in its hash), not of arrival order. Set work
+# on integers instead of carrying 10M texts through GROUP BY and window is what keeps a 10M-event build in
+# seconds. Exact duplicates collapse here; an answer labelled both up and down is a conflict.
+# The holdout ($2 salt, $3 share) is drawn per group of prompts that share an id or a normalised text (linked
+# over two hops: a text asked under two ids, an id asked with two texts), so no prompt is in both splits;
+# md5 (not DuckDB's hash) keeps it stable across DuckDB versions.
 UNITS_SQL = """
 CREATE OR REPLACE TEMP TABLE units AS
-WITH answers AS (
-    SELECT prompt_key, hash(response) AS response_hash, min(rid) AS rid,
+WITH events AS (
+    SELECT s.rid, s.response, s.label, s.prompt_hash, t.text_key,
+           coalesce('id:' || s.prompt_id, 'text:' || t.text_key) AS prompt_key
+    FROM scoped s JOIN prompt_texts t USING (prompt_hash) WHERE s.model_version = $1
+), answers AS (
+    SELECT prompt_key, hash(response) AS response_hash, arg_min(rid, prompt_hash) AS rid,
+           min(prompt_hash) AS prompt_hash,
            bool_and(label) AS label,
            bool_or(label) AND NOT bool_and(label) AS conflict,
            count(*) AS events
-    FROM scoped WHERE model_version = $1
-    GROUP BY prompt_key, response_hash
+    FROM events GROUP BY prompt_key, response_hash
+), links AS (
+    SELECT DISTINCT prompt_key, text_key FROM events
+), key_text AS (
+    SELECT prompt_key, min(text_key) AS group_key FROM links GROUP BY prompt_key
+), text_group AS (
+    SELECT text_key, min(group_key) AS group_key FROM links JOIN key_text USING (prompt_key) GROUP BY text_key
 ), prompts AS (
-    SELECT prompt_key, ('0x' || md5($2 || prompt_key)[1:8])::UBIGINT < ($3 * 4294967296)::UBIGINT AS is_eval
-    FROM (SELECT DISTINCT prompt_key FROM answers)
+    SELECT prompt_key,
+           ('0x' || md5($2 || min(group_key))[1:8])::UBIGINT < ($3 * 4294967296)::UBIGINT AS is_eval
+    FROM links JOIN text_group USING (text_key) GROUP BY prompt_key
 )
 SELECT * FROM answers JOIN prompts USING (prompt_key)
 """
@@ -162,6 +186,8 @@ def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_v
             con.execute(SCOPE_SQL)
             con.execute("INSERT INTO scope_params VALUES (?, ?, ?, ?, ?)",
                         [since, until, config.sources, config.min_prompt_chars, config.min_response_chars])
+            con.create_function("ktoloop_normalize", normalize_prompts, [VARCHAR], VARCHAR, type="arrow")
+            con.execute(PROMPT_TEXTS_SQL, [model_version])
             con.execute(UNITS_SQL, [model_version, config.split_salt, config.holdout_fraction])
             con.execute(PAIRS_SQL, [config.max_pairs_per_prompt])
             counts = _counts(con, model_version)
@@ -180,7 +206,7 @@ def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_v
             decision=decision.to_dict(), counts=counts,
             params={"since": since.isoformat(), "until": until.isoformat(), "model_version": model_version,
                     "force_method": force_method, **asdict(config)},
-            query="\n".join((SCOPE_SQL, UNITS_SQL, PAIRS_SQL, KTO_FILE_SQL, PAIRS_FILE_SQL)), watermark=watermark,
+            query="\n".join((SCOPE_SQL, PROMPT_TEXTS_SQL, UNITS_SQL, PAIRS_SQL, KTO_FILE_SQL, PAIRS_FILE_SQL)), watermark=watermark,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         )
         (work / MANIFEST).write_text(manifest.to_json())
@@ -200,6 +226,15 @@ def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_v
     log.info("dataset %s %s in %.1f s: %s", snapshot_id, "reused" if reused else "built", seconds,
              "; ".join(decision.reasons + decision.warnings))
     return BuildResult(snapshot, Decision(**snapshot.manifest.decision), reused, seconds)
+
+
+def normalize_prompts(prompts: pa.Array) -> pa.Array:
+    """The text two prompts must share to be the same prompt: NFKC (full-width letters, ligatures, the
+    non-breaking space), every run of Unicode whitespace as one space, trimmed, lower case. Vectorised in
+    Arrow: one call per batch of distinct prompts."""
+    text = pc.utf8_normalize(prompts, "NFKC")
+    text = pc.replace_substring_regex(text, r"[\s\x{0B}\x{85}\p{Z}]+", " ")
+    return pc.utf8_lower(pc.utf8_trim_whitespace(text))
 
 
 def _counts(con: Any, model_version: str) -> dict[str, int]:
@@ -242,7 +277,7 @@ def _watermark(con: Any) -> dict[str, Any]:
 
 def _content_hash(con: Any) -> str:
     """sha256 of an order-independent fingerprint of the answers in each file: (prompt key, response hash,
-    label) for KTO, (prompt key, chosen hash, rejected hash) for pairs, XOR-ed over rows under two hash seeds.
+    label, hash of the prompt text written) for KTO, (prompt key, chosen hash, rejected hash) for pairs, XOR-ed over rows under two hash seeds.
 
     DuckDB's parallel aggregation does not fix row order and hashing the text again would cost as much as
     the build, so the identity of each row is hashed, not its bytes. The Parquet files of a snapshot id are
@@ -250,7 +285,8 @@ def _content_hash(con: Any) -> str:
     """
     digest = hashlib.sha256(f"snapshot format {SNAPSHOT_FORMAT};".encode())
     for split, is_eval in SPLITS:
-        for name, cols, table, where in (("kto", "prompt_key, response_hash, label", "units", "NOT conflict AND "),
+        for name, cols, table, where in (("kto", "prompt_key, response_hash, label, prompt_hash", "units",
+                                          "NOT conflict AND "),
                                          ("pairs", "prompt_key, chosen_hash, rejected_hash", "pairs", "")):
             row = con.execute(f"SELECT count(*), bit_xor(hash({cols})), bit_xor(hash({cols}, 'second seed')) "
                               f"FROM {table} WHERE {where}is_eval = {is_eval}").fetchone()

@@ -103,6 +103,48 @@ def test_holdout_is_split_by_prompt(tmp_path):
     assert 0.08 < len(held) / 97 < 0.35
 
 
+def test_a_prompt_text_asked_under_two_ids_sits_in_one_split(tmp_path):
+    events, i = [], 0
+    for t in range(40):
+        for pid in (f"a{t}", f"b{t}"):
+            for label in ("up", "down"):
+                events.append(event(i, f"Question number {t}?", f"answer {i}", label, prompt_id=pid))
+                i += 1
+    snap = build_dataset(store_with(tmp_path, events), tmp_path, config(holdout_fraction=0.5), V1).snapshot
+    split_of: dict[str, set[str]] = {}
+    for split in ("train", "eval"):
+        for prompt in snap.kto(split)["prompt"]:
+            split_of.setdefault(prompt, set()).add(split)
+    assert len(split_of) == 40 and all(len(splits) == 1 for splits in split_of.values())
+    assert {next(iter(s)) for s in split_of.values()} == {"train", "eval"}
+
+
+def test_unicode_spaces_and_compatibility_forms_are_the_same_prompt(tmp_path):
+    variants = ["How do I boil an egg?", "How\u00a0do I  boil an egg?\u2003", "\uff28ow do I boil an egg?",
+                "how do i\u3000boil an EGG?"]
+    events = [event(k, prompt, f"answer {k}", "up" if k % 2 == 0 else "down") for k, prompt in enumerate(variants)]
+    snap = build_dataset(store_with(tmp_path, events), tmp_path, config(holdout_fraction=0.01), V1).snapshot
+    assert snap.kto("train")["prompt_key"].n_unique() == 1  # one prompt...
+    assert snap.pairs("train").height == 2                   # ...so its ups and downs pair up
+
+
+def test_the_prompt_text_trained_on_depends_on_content_not_arrival_order(tmp_path):
+    """One answer under one prompt id, asked with two spellings of the prompt: the text written is the same
+    whichever event landed first, and the content hash covers it."""
+    events = [event(1, "What is tea?", "A drink.", "up", prompt_id="p1"),
+              event(2, "what is  TEA?", "A drink.", "up", prompt_id="p1"),
+              event(3, "What is tea?", "Nothing.", "down", prompt_id="p1")]
+    built = [build_dataset(store_with(tmp_path, order, f"{n}.duckdb"), tmp_path / str(n), config(holdout_fraction=0.01),
+                           V1).snapshot for n, order in enumerate((events, events[::-1]))]
+    texts = [sorted(zip(s.kto("train")["completion"], s.kto("train")["prompt"])) for s in built]
+    assert texts[0] == texts[1]
+    assert built[0].manifest.content_sha256 == built[1].manifest.content_sha256
+    spelled = [build_dataset(store_with(tmp_path, [first, events[2]], f"s{n}.duckdb"), tmp_path / f"s{n}",
+                             config(holdout_fraction=0.01), V1).snapshot for n, first in enumerate(events[:2])]
+    # same answers, labels and prompt id, another prompt text written: another snapshot
+    assert spelled[0].manifest.content_sha256 != spelled[1].manifest.content_sha256
+
+
 @pytest.mark.parametrize("n_d,n_u", [(1000, 1000), (100, 1000), (1000, 100), (1000, 999), (5, 100_000)])
 def test_kto_weight_rule(n_d, n_u):
     w = kto_weights(n_d, n_u, cap=10.0)
