@@ -25,10 +25,10 @@ from flows import loop, registry  # noqa: E402
 from ingest.hh_rlhf import convert  # noqa: E402
 from ingest.landing import Batch, land  # noqa: E402
 from ingest.schema import EventDecoder, encode_event  # noqa: E402
+from ktoloop import data  # noqa: E402
 from ktoloop.config import load_section, load_settings  # noqa: E402
 from ktoloop.store import Store  # noqa: E402
 
-HH_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "feedback" / "hh_rlhf_harmless_base_test.jsonl.gz"
 VERSION = "smollm2-135m-instruct-q4_1"
 
 CONFIG = """
@@ -82,6 +82,7 @@ def main() -> None:
     config_path.write_text(CONFIG.format(home=home, ppo_tokens=args.ppo_tokens, reward_steps=args.reward_steps,
                                          ppo_seconds=args.ppo_seconds))
     settings = load_settings(config_path)
+    hh_file = settings.data_file(data.HH_RLHF_HARMLESS_TEST)  # fails here, naming the file, before any work
     timings: dict[str, float] = {}
 
     def timed(name, fn, *a, **kw):
@@ -94,7 +95,7 @@ def main() -> None:
     store = Store(settings.home_dir / "ktoloop.duckdb")
     if store.scalar("SELECT count(*) FROM feedback") == 0:
         decoder = EventDecoder()
-        events = [decoder.decode(encode_event(e)) for e in convert(HH_FILE, VERSION)]
+        events = [decoder.decode(encode_event(e)) for e in convert(hh_file, VERSION)]
         land(store, "bench", Batch(events=events, positions=[("feedback", 0, i) for i in range(len(events))],
                                    next_offsets={("feedback", 0): len(events)}))
 

@@ -13,10 +13,10 @@ import os
 import time
 from pathlib import Path
 
+from ktoloop import data
 from ktoloop.config import Settings
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "ktoloop.demo.toml"
-HH_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "feedback" / "hh_rlhf_harmless_base_test.jsonl.gz"
 
 
 class Progress:
@@ -29,8 +29,11 @@ class Progress:
         print(f"\n[{time.monotonic() - self.started:6.0f} s] {self.step}. {text}", flush=True)
 
 
-def run_demo(settings: Settings, hh_file: Path = HH_FILE, drifted_events: int = 5000) -> dict:
-    """Run the loop once; ``settings`` must come from the file in $KTOLOOP_CONFIG (the flows reload it)."""
+def run_demo(settings: Settings, hh_file: Path | None = None, drifted_events: int = 5000) -> dict:
+    """Run the loop once; ``settings`` must come from the file in $KTOLOOP_CONFIG (the flows reload it).
+
+    ``hh_file`` defaults to the HH-RLHF file under ``data_dir``; a missing one fails here, before any work."""
+    hh_file = hh_file or settings.data_file(data.HH_RLHF_HARMLESS_TEST)
     say = Progress()
 
     from ingest.broker import LocalBroker

@@ -25,7 +25,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     publish.add_argument("file")
     publish.set_defaults(func=_publish)
     convert = ingest_sub.add_parser("convert-hh", help="convert HH-RLHF pairs into feedback events (JSONL)")
-    convert.add_argument("file", help="e.g. ../shared/data/feedback/hh_rlhf_harmless_base_test.jsonl.gz")
+    convert.add_argument("file", help="e.g. ktoloop/data/feedback/hh_rlhf_harmless_base_test.jsonl.gz "
+                         "(the copy shipped with the package)")
     convert.add_argument("--model-version", default="smollm2-135m-instruct-q4_1",
                          help="the model version the feedback is attributed to")
     convert.add_argument("--out", help="output JSONL (default: stdout)")

@@ -22,6 +22,7 @@ T = TypeVar("T")
 STAGE_SECTIONS = {"dataset", "training", "reward", "ppo", "monitoring", "flows"}
 
 
+from ktoloop.data import packaged_dir
 from ktoloop.errors import KtoLoopError
 
 
@@ -107,6 +108,8 @@ class StoreConfig:
 class Settings:
     home: str = ".ktoloop"
     """State directory: DuckDB file, broker pid/log, snapshots, models, reports."""
+    data_dir: str = ""
+    """Folder with the input data (``benchmarks/``, ``feedback/``); empty means the copy packaged in ktoloop/data."""
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -117,6 +120,18 @@ class Settings:
     @property
     def home_dir(self) -> Path:
         return Path(self.home).expanduser().resolve()
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve() if self.data_dir else packaged_dir()
+
+    def data_file(self, name: str) -> Path:
+        """``<data_dir>/<name>``, or an error naming the file and the setting when it is not there."""
+        path = self.data_path / name
+        if not path.is_file():
+            raise ConfigError(f"data file {path} not found; set the top-level data_dir to a folder holding {name} "
+                              "(leave it empty for the copy packaged in ktoloop/data)")
+        return path
 
     @property
     def db_path(self) -> Path:

@@ -1,4 +1,4 @@
-"""Benchmark files -> items, with the prompt formats lm-evaluation-harness uses. Formats: shared/data/PROVENANCE.md.
+"""Benchmark files -> items, with the prompt formats lm-evaluation-harness uses. Formats: ktoloop/data/PROVENANCE.md.
 
 Three item shapes cover every task: a choice among continuations (multiple choice, and WinoGrande's partial
 scoring, where the context varies instead), one continuation (LAMBADA), and a document (perplexity).
@@ -38,9 +38,14 @@ class DocumentItem:
     bytes: int
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _require(path: Path) -> None:
     if not path.is_file():
-        raise KtoLoopError(f"benchmark file {path} not found; set [monitoring] benchmarks_dir to the folder holding it")
+        raise KtoLoopError(f"benchmark file {path} not found; set [monitoring] benchmarks_dir "
+                           "(or the top-level data_dir, whose benchmarks/ it defaults to) to the folder holding it")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    _require(path)
     rows = []
     with path.open(encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, 1):
@@ -89,8 +94,7 @@ def _hellaswag_clean(text: str) -> str:
 
 def hellaswag(path: Path) -> list[ChoiceItem]:
     """Six lines per item: ``label: context``, the gold index, four endings."""
-    if not path.is_file():
-        raise KtoLoopError(f"benchmark file {path} not found; set [monitoring] benchmarks_dir to the folder holding it")
+    _require(path)
     lines = bz2.open(path, "rt", encoding="utf-8").read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -129,8 +133,7 @@ def _detokenize(text: str) -> str:
 
 def wikitext(path: Path) -> list[DocumentItem]:
     """One item per article (a ``= Title =`` line starts one); words are counted on the original text."""
-    if not path.is_file():
-        raise KtoLoopError(f"benchmark file {path} not found; set [monitoring] benchmarks_dir to the folder holding it")
+    _require(path)
     docs: list[list[str]] = []
     for line in path.read_text(encoding="utf-8").split("\n"):
         if _HEADING.match(line) or not docs:

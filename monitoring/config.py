@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ktoloop import data
 from ktoloop.config import ConfigError, Settings, load_section
-
-DEFAULT_BENCHMARKS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks"
 
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    benchmarks_dir: str = str(DEFAULT_BENCHMARKS_DIR)
-    """Folder with the benchmark files described in shared/data/PROVENANCE.md."""
+    benchmarks_dir: str = ""
+    """Folder with the benchmark files (formats: ktoloop/data/PROVENANCE.md); empty means ``<data_dir>/benchmarks``."""
     batch_tokens: int = 8192
     """Padded tokens per forward pass; sequences are sorted by length so little of it is padding."""
     max_length: int = 2048
@@ -71,9 +71,20 @@ class MonitorConfig:
     def tolerance_for(self, benchmark: str) -> float:
         return self.tolerances.get(benchmark, self.tolerance)
 
+    @property
+    def benchmarks_path(self) -> Path:
+        """Built without settings (tests, notebooks), an empty ``benchmarks_dir`` means the packaged copy."""
+        if self.benchmarks_dir:
+            return Path(self.benchmarks_dir).expanduser().resolve()
+        return data.packaged_dir() / data.BENCHMARKS
+
 
 def load_monitor_config(settings: Settings) -> MonitorConfig:
-    return load_section(settings, "monitoring", MonitorConfig)
+    """The ``[monitoring]`` section, with an unset ``benchmarks_dir`` derived from the top-level ``data_dir``."""
+    config = load_section(settings, "monitoring", MonitorConfig)
+    if not config.benchmarks_dir:
+        config = dataclasses.replace(config, benchmarks_dir=str(settings.data_path / data.BENCHMARKS))
+    return config
 
 
 def monitoring_dir(settings: Settings) -> Path:

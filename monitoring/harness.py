@@ -89,7 +89,7 @@ def evaluate(model, tokenizer, suite: str = "quick", benchmarks: Sequence[str] |
     for name, size in SUITES[suite](config, benchmarks).items():
         task = get_task(name)
         started = time.perf_counter()
-        all_items = task.items(config.benchmarks_dir)
+        all_items = task.items(config.benchmarks_path)
         ids = sample_ids(name, len(all_items), size, config.seed)
         items = [all_items[i] for i in ids]
         requests, spans = [], []

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from ktoloop import data
 from ktoloop.config import BrokerConfig
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CACHE_DIR = Path(os.environ.get("KTOLOOP_CACHE", Path.home() / ".cache" / "ktoloop"))
 
 
@@ -54,6 +54,5 @@ def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+    """The data folder packaged in ktoloop/data; always present, so tests that read real data never skip."""
+    return data.packaged_dir()

@@ -11,6 +11,7 @@ from flows.dataset import DatasetConfig, build_dataset, kto_weights
 from flows.eligibility import DataStats, GateConfig, IneligibleMethod, decide
 from ingest.landing import Batch, land
 from ingest.schema import EventDecoder, encode_event
+from ktoloop import data
 from ktoloop.snapshot import load_snapshot
 from ktoloop.store import Store
 
@@ -242,7 +243,7 @@ def test_same_data_same_hash_even_landed_in_another_order(tmp_path):
 def test_real_hh_rlhf_feedback(tmp_path, shared_data):
     from ingest.hh_rlhf import convert
 
-    events = list(convert(shared_data / "feedback" / "hh_rlhf_harmless_base_test.jsonl.gz", V1))
+    events = list(convert(shared_data / data.HH_RLHF_HARMLESS_TEST, V1))
     result = build_dataset(store_with(tmp_path, events), tmp_path, DatasetConfig(), V1)
     c, d = result.snapshot.manifest.counts, result.decision
     assert c["answers"] == len(events) == 4606

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from ktoloop import data
 from ktoloop.store import Store
 from monitoring.benchmarks import ChoiceItem
 from monitoring.config import MonitorConfig
@@ -84,7 +85,7 @@ def test_quick_sample_is_fixed_by_seed():
 @pytest.fixture()
 def bench_dir(tmp_path, shared_data):
     """Small copies of the real benchmark files (first items), so the tiny model runs every task quickly."""
-    src = shared_data / "benchmarks"
+    src = shared_data / data.BENCHMARKS
     for name in ["arc_easy.jsonl", "piqa.jsonl", "winogrande.jsonl", "lambada_openai.jsonl"]:
         lines = (src / name).read_text().splitlines()[:12]
         (tmp_path / name).write_text("\n".join(lines) + "\n")
@@ -150,6 +151,18 @@ def test_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="quick_sizes.piqa"):
         MonitorConfig(quick_sizes={"piqa": 0})
     json.dumps(MonitorConfig().quick_sizes)  # plain data, so it can be logged with a run
+
+
+def test_benchmarks_dir_follows_data_dir_unless_set(tmp_path):
+    from ktoloop.config import load_settings
+    from monitoring.config import load_monitor_config
+
+    assert MonitorConfig().benchmarks_path == data.packaged_dir() / data.BENCHMARKS
+    config = tmp_path / "ktoloop.toml"
+    config.write_text(f'data_dir = "{tmp_path / "copy"}"\n')
+    assert load_monitor_config(load_settings(config)).benchmarks_path == (tmp_path / "copy").resolve() / data.BENCHMARKS
+    config.write_text(f'data_dir = "{tmp_path / "copy"}"\n[monitoring]\nbenchmarks_dir = "{tmp_path / "b"}"\n')
+    assert load_monitor_config(load_settings(config)).benchmarks_path == (tmp_path / "b").resolve()
 
 
 def test_cli_evaluate_with_monitoring_section(tiny_model_dir, bench_dir, tmp_path, monkeypatch, capsys):
