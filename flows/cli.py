@@ -168,13 +168,22 @@ def _models_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _models_promote(args: argparse.Namespace, settings: Settings) -> int:
+    import getpass
+
     from flows import registry
-    from flows.loop import store_of
+    from flows.loop import evaluate_candidate, promote_if_passing, store_of
 
     store = store_of(settings)
-    candidate = registry.get(store, args.model_id)
-    registry.promote(store, args.model_id, gate=candidate.evaluation, forced=args.force, reason=args.reason)
-    print(f"promoted {args.model_id}" + (" (forced)" if args.force else ""))
+    if args.force:  # recorded with who forced it and why; the stored verdict, if any, goes with it
+        registry.promote(store, args.model_id, gate=registry.get(store, args.model_id).evaluation, forced=True,
+                         reason=args.reason)
+        print(f"promoted {args.model_id} (forced)")
+        return 0
+    gate = evaluate_candidate(settings, args.model_id)  # against the model serving now, like the retrain flow
+    print(gate.summary)
+    if not promote_if_passing(settings, args.model_id, gate, actor=getpass.getuser()):
+        raise KtoLoopError(f"{args.model_id} did not pass the promotion gate; use --force with --reason to override")
+    print(f"serving {args.model_id}")
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from flows import registry
 from flows.dataset import BuildResult, DatasetConfig, build_dataset
+from flows.gate import Gate, paired_test, verdict
 from ktoloop.config import ConfigError, Settings, load_section
 from ktoloop.errors import KtoLoopError
 from ktoloop.snapshot import Snapshot, load_snapshot
@@ -30,7 +31,9 @@ class LoopConfig:
     suite: str = "quick"
     """Capability suite run on the candidate and the reference before promotion."""
     min_preference_gain: float = 0.0
-    """The held-out preference loss must be lower than the incumbent's by more than this."""
+    """The lower confidence bound of the held-out per-example gain over the serving model must exceed this."""
+    confidence: float = 0.95
+    """Confidence of that one-sided bound (``flows.gate.paired_test``)."""
     drain_before_retrain: bool = True
     drain_interval_s: int = 300
     monitor_interval_s: int = 3600
@@ -42,19 +45,10 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.suite not in ("quick", "full"):
             raise ConfigError(f"flows.suite must be quick or full, got {self.suite!r}")
+        if not 0.5 <= self.confidence < 1:
+            raise ConfigError(f"flows.confidence must be in [0.5, 1), got {self.confidence}")
         if min(self.drain_interval_s, self.monitor_interval_s) < 1:
             raise ConfigError("flows.*_interval_s must be >= 1")
-
-
-@dataclass(frozen=True)
-class Gate:
-    passed: bool
-    summary: str
-    capability: dict[str, Any]
-    preference: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -196,12 +190,12 @@ def capability_run(settings: Settings, reference, candidate: registry.Candidate 
 
 def heldout_preference(settings: Settings, snapshot: Snapshot, reference, candidate: registry.Candidate | None,
                        method_config) -> dict[str, Any]:
-    """Held-out preference score of the reference (candidate=None) or a candidate on this snapshot."""
-    from training.evaluate import evaluate_preference
+    """Held-out preference score (with per-example scores) of the reference (candidate=None) or a candidate."""
+    from training.evaluate import evaluate_preference, reference_score
     from training.modeling import load_model
 
     if candidate is None:
-        return reference_preference(snapshot, method_config)
+        return dataclasses.asdict(reference_score(snapshot, method_config))
     base, adapter = _model_dirs(reference.path, candidate)
     model, tokenizer = load_model(base, adapter)
     score = evaluate_preference(model, tokenizer, snapshot, reference, method_config,
@@ -209,37 +203,10 @@ def heldout_preference(settings: Settings, snapshot: Snapshot, reference, candid
     return dataclasses.asdict(score)
 
 
-def reference_preference(snapshot: Snapshot, method_config) -> dict[str, Any]:
-    """The reference scored as a policy: its log-ratio to itself is exactly 0 for every completion, so the
-    loss is the method's loss at 0 and no completion is ranked right. Computed in closed form: running the
-    model would only add floating-point noise around these values (and minutes of CPU)."""
-    import torch
-
-    from training.losses import LOSSES, BatchInfo
-
-    method = LOSSES[method_config.method]
-    if method.paired:
-        n = snapshot.pairs("eval").height
-        info = BatchInfo(lengths=torch.ones(2 * n))
-        zeros = torch.zeros(2 * n)
-    else:
-        labels = snapshot.kto("eval")["label"].to_list()
-        n = len(labels)
-        weights = snapshot.manifest.kto_weights or {}
-        info = BatchInfo(lengths=torch.ones(n), desirable=torch.tensor(labels, dtype=torch.bool),
-                         kl_policy_logps=torch.zeros(max(n, 1)), kl_reference_logps=torch.zeros(max(n, 1)),
-                         desirable_weight=float(weights.get("desirable", 1.0)),
-                         undesirable_weight=float(weights.get("undesirable", 1.0)))
-        zeros = torch.zeros(n)
-    out = method.loss(zeros, zeros, info, method_config.beta)
-    return {"split": "eval", "method": method_config.method, "beta": method_config.beta, "examples": n,
-            "loss": out.losses.mean().item() if n else 0.0, "accuracy": out.correct.float().mean().item() if n else 0.0,
-            "reward_chosen": 0.0, "reward_rejected": 0.0, "reward_margin": 0.0, "kl": 0.0}
-
-
 def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
-    """The promotion gate: no capability regression vs the reference, and a lower held-out preference loss
-    than the promoted model's (or the reference's when none is promoted), on the candidate's own snapshot."""
+    """The promotion gate (``flows.gate``) against the model serving now, on the candidate's own snapshot: a
+    significant held-out preference gain over it, and no capability regression vs the reference. A stored
+    verdict is reused only while the model it was reached against still serves."""
     from monitoring.config import load_monitor_config
     from monitoring.regression import check_regression
     from training.config import TrainConfig
@@ -248,52 +215,48 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
     store = store_of(settings)
     loop = load_section(settings, "flows", LoopConfig)
     candidate = registry.get(store, model_id)
-    if candidate.evaluation is not None:
-        return Gate(**candidate.evaluation)
+    incumbent = registry.promoted(store)
+    if incumbent is not None and incumbent.model_version != candidate.model_version:
+        incumbent = None  # another reference's model is not comparable on this snapshot
+    incumbent_id = incumbent.model_id if incumbent else None
+    stored = candidate.evaluation
+    serving = incumbent is not None and incumbent.model_id == candidate.model_id
+    if stored is not None and "incumbent_id" in stored and (serving or stored["incumbent_id"] == incumbent_id):
+        return Gate(**stored)  # the verdict about the model serving now (or the one that promoted it)
     snapshot = load_snapshot(candidate.snapshot_id, settings.home_dir)
     reference = reference_for_snapshot(candidate.model_version, settings.home_dir, candidate.reference_name)
 
     capability = check_regression(store, capability_run(settings, reference, candidate),
                                   capability_run(settings, reference, None), load_monitor_config(settings))
-    mine = candidate.metrics
-    if "accuracy" not in mine:
-        raise KtoLoopError(f"{model_id} has no held-out preference score (empty eval split in "
-                           f"{candidate.snapshot_id}?); raise dataset.holdout_fraction")
-    # score everyone with the candidate's preference loss and beta (PPO candidates report a DPO/KTO score)
+    # every model is scored in the snapshot's one held-out form (training.evaluate.heldout_method)
     offline = load_section(settings, "training", TrainConfig)
+    mine = candidate.metrics
     config = dataclasses.replace(offline, method=mine.get("method", offline.method), beta=mine.get("beta", offline.beta))
-    incumbent = registry.promoted(store)
-    if incumbent is not None and incumbent.model_version != candidate.model_version:
-        incumbent = None  # another reference's model is not comparable on this snapshot
+    from training.evaluate import heldout_method
+
+    if heldout_method(snapshot, config.method) is None:
+        raise KtoLoopError(f"snapshot {candidate.snapshot_id} has no held-out split to gate {model_id} on; "
+                           f"raise dataset.holdout_fraction")
+    if "scores" not in mine:  # registered before per-example scores were kept
+        mine = {**heldout_preference(settings, snapshot, reference, candidate, config),
+                **({"guard_stop": mine["guard_stop"]} if "guard_stop" in mine else {})}
     theirs = heldout_preference(settings, snapshot, reference, incumbent, config)
-    # the preference metric is the method's own loss on held-out prompts (lower is better); reward accuracy
-    # is reported but not gated on: the reference ties every completion, so any perturbation "beats" it
-    gain = theirs["loss"] - mine["loss"]
-    preference_ok = gain > loop.min_preference_gain and "guard_stop" not in mine
-    versus = incumbent.model_id if incumbent else "the reference"
-    summary = (f"capability {'ok' if capability.passed else 'REGRESSION'}: "
-               + "; ".join(c.describe() for c in capability.failures or capability.checks[:3])
-               + f" | held-out {config.method} loss {mine['loss']:.4f} vs {theirs['loss']:.4f} ({versus}): "
-               f"{'improved' if preference_ok else 'NOT improved'} by {gain:+.4f} "
-               f"(reward accuracy {mine['accuracy']:.3f} vs {theirs['accuracy']:.3f})")
-    gate = Gate(
-        passed=capability.passed and preference_ok, summary=summary,
-        capability={"passed": capability.passed, "checks": [dataclasses.asdict(c) for c in capability.checks],
-                    "problems": capability.problems},
-        preference={"candidate": mine, "incumbent": theirs, "incumbent_id": incumbent.model_id if incumbent else None,
-                    "gain": gain, "min_gain": loop.min_preference_gain, "passed": preference_ok},
-    )
+    test = paired_test(mine["scores"], theirs["scores"], form=mine.get("form", "pairs"),
+                       min_gain=loop.min_preference_gain, confidence=loop.confidence)
+    gate = verdict(test, capability, incumbent_id, incumbent_id or "the reference", mine.get("guard_stop"))
     registry.set_evaluation(store, model_id, gate.to_dict(), "evaluated")
     return gate
 
 
-def promote_if_passing(settings: Settings, model_id: str, gate: Gate) -> bool:
+def promote_if_passing(settings: Settings, model_id: str, gate: Gate, *, actor: str = "retrain-flow") -> bool:
+    """Point serving at ``model_id`` if ``gate`` (from ``evaluate_candidate``, so about the model serving now)
+    passed; else record the rejection. A model already serving stays, whatever a re-run says."""
     store = store_of(settings)
     current = registry.promoted(store)
-    if gate.passed and current is not None and current.model_id == model_id:
+    if current is not None and current.model_id == model_id:
         return True  # a re-run of the same retrain: already serving
     if gate.passed:
-        registry.promote(store, model_id, gate=gate.to_dict(), actor="retrain-flow", reason="passed the gate")
+        registry.promote(store, model_id, gate=gate.to_dict(), actor=actor, reason="passed the gate")
         return True
     registry.set_evaluation(store, model_id, gate.to_dict(), "rejected")
     return False

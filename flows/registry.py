@@ -113,6 +113,11 @@ def promote(store: Store, model_id: str, *, gate: dict[str, Any] | None, forced:
                            " use --force with --reason to override")
     if forced and not reason:
         raise KtoLoopError("a forced promotion needs --reason (it is recorded with who forced it)")
+    serving = promoted(store)
+    incumbent = serving.model_id if serving and serving.model_version == candidate.model_version else None
+    if passed and not forced and gate.get("incumbent_id", incumbent) != incumbent:
+        raise KtoLoopError(f"{model_id} passed the gate against {gate['incumbent_id'] or 'the reference'}, but "
+                           f"{incumbent or 'the reference'} serves now; evaluate it again (`ktoloop models promote`)")
     with store.writer() as con:
         con.execute("UPDATE models SET status = 'retired' WHERE status = 'promoted'")
         con.execute("UPDATE models SET status = 'promoted' WHERE model_id = ?", [candidate.model_id])

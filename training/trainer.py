@@ -34,7 +34,7 @@ from ktoloop.errors import KtoLoopError
 from ktoloop.snapshot import Snapshot
 from training.config import TrainConfig
 from training.data import Encoded, encode_snapshot, collate, mismatched
-from training.evaluate import PreferenceScore, evaluate_preference, fill_reference, has_split, reference_cache
+from training.evaluate import PreferenceScore, evaluate_preference, fill_reference, heldout_method, reference_cache
 from training.logprobs import ReferenceCache, autocast, sequence_logps
 from training.losses import LOSSES, BatchInfo, Method
 from training.reference import Reference
@@ -133,7 +133,7 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
                   config.batch_size * config.grad_accumulation_steps * world, weights)
 
     # Reference log-probs for every sequence the run (and its held-out scoring) will see, before any update.
-    has_eval = has_split(snapshot, method.paired, "eval")
+    has_eval = heldout_method(snapshot, config.method) is not None
     ref = reference_cache(reference, device, cache_dir)
     if rank == 0:
         ref.fill(model, data, plan.all_pairs(data), ctx.pad_id, device, max(config.batch_size, 8))
@@ -187,7 +187,7 @@ def train_sweep(config: TrainConfig, snapshot: Snapshot, reference: Reference, o
     out_dir = Path(out_dir)
     if not betas:
         raise KtoLoopError("--sweep-beta lists no beta")
-    if not has_split(snapshot, LOSSES[config.method].paired, "eval"):
+    if heldout_method(snapshot, config.method) is None:
         raise KtoLoopError(f"snapshot {snapshot.manifest.snapshot_id} has no eval split to choose a beta with")
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     runs = []

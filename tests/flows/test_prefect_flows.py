@@ -117,6 +117,36 @@ def test_retrain_promotes_a_good_candidate_and_rejects_a_planted_regression(harn
     assert time.monotonic() - started < 30
 
 
+def test_a_rerun_never_replaces_the_serving_model_on_a_verdict_about_another(harness, loop_home, monkeypatch):
+    """X passes against the reference; Y is then put in service; re-running X's retrain must judge X against Y
+    (its stored verdict was about the reference) and leave Y serving."""
+    from flows import registry
+    from flows.prefect_flows import retrain_flow
+    from ktoloop.cli import main
+
+    land_events(loop_home / "home" / "ktoloop.duckdb", feedback(400))
+    store = Store(loop_home / "home" / "ktoloop.duckdb")
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=2e-3)))
+    x = retrain_flow(reason="test")
+    assert x["status"] == "promoted" and x["gate"]["incumbent_id"] is None
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=3e-3)))
+    y = retrain_flow(reason="test")
+    assert y["gate"]["incumbent_id"] == x["model_id"]  # judged against the model serving then, not the reference
+    if y["status"] != "promoted":
+        assert main(["models", "promote", y["model_id"], "--force", "--reason", "test: serve y"]) == 0
+    assert registry.promoted(store).model_id == y["model_id"]
+
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=2e-3)))
+    again = retrain_flow(reason="test")
+    assert again["model_id"] == x["model_id"]
+    assert again["gate"]["incumbent_id"] == y["model_id"]
+    if not again["gate"]["preference"]["passed"]:
+        assert again["status"] == "rejected" and registry.promoted(store).model_id == y["model_id"]
+    # the promote door re-judges the same way: a verdict about another incumbent never promotes
+    with pytest.raises(Exception, match="serves now"):
+        registry.promote(store, x["model_id"], gate={**x["gate"], "passed": True, "incumbent_id": None})
+
+
 def test_not_enough_data_completes_with_its_reason(harness, loop_home, monkeypatch):
     from flows.prefect_flows import retrain_flow
 

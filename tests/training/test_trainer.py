@@ -47,7 +47,8 @@ def test_each_method_end_to_end(method, tiny_reference, tiny_model_dir, tmp_path
     assert meta["snapshot"]["content_sha256"] == snapshot.manifest.content_sha256
     assert meta["reference"]["sha256"] == tiny_reference.sha256
     assert meta["config"]["method"] == method and meta["steps"] == 3
-    assert meta["eval"]["examples"] == 8 * (2 if method == "kto" else 1)
+    # every method is scored on the 8 held-out pairs (the gate's one form), the reference tying at 1/2
+    assert meta["eval"]["examples"] == 8 and meta["eval"]["form"] == "pairs" and len(meta["eval"]["scores"]) == 8
     rows = metrics(tmp_path / "out")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows)
@@ -69,7 +70,7 @@ def test_kto_raises_heldout_reward_of_desirable_completions(tiny_reference, toy,
 
     result = train(config, toy, tiny_reference, tmp_path / "out", cache_dir=tmp_path / "cache")
     after = result.eval
-    assert after["split"] == "eval" and after["examples"] == 16     # held-out topics, never trained on
+    assert after["split"] == "eval" and after["examples"] == 8      # held-out topic pairs, never trained on
     assert after["reward_margin"] > 0.05
     assert after["reward_chosen"] > 0 > after["reward_rejected"]
     assert after["accuracy"] >= 0.75

@@ -1,0 +1,91 @@
+"""The promotion gate as pure functions: a paired significance test on held-out preferences, and the verdict.
+
+A candidate is promoted only when, scored against the serving model on the same held-out examples, the
+one-sided lower confidence bound of its mean per-example gain exceeds ``flows.min_preference_gain``, and no
+capability benchmark regresses (``monitoring.regression``). A gain at the noise floor is not a gain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from scipy import stats
+
+from ktoloop.errors import KtoLoopError
+
+FORMS = {"pairs": "held-out pair accuracy", "thumbs": "held-out thumbs accuracy"}
+
+
+@dataclass(frozen=True)
+class PreferenceTest:
+    """Paired one-sided t test of the per-example gain (candidate score minus incumbent score)."""
+
+    form: str
+    n: int
+    candidate: float
+    incumbent: float
+    gain: float
+    stderr: float
+    lower_bound: float
+    """One-sided lower confidence bound of the mean gain at ``confidence``."""
+    min_gain: float
+    confidence: float
+    passed: bool
+
+    def describe(self) -> str:
+        verdict = "significantly better" if self.passed else "not significantly better"
+        return (f"{FORMS.get(self.form, self.form)} (ties 1/2), paired t test, n={self.n}: candidate "
+                f"{self.candidate:.3f} vs {self.incumbent:.3f}, gain {self.gain:+.3f} ± {self.stderr:.3f} SE, "
+                f"{self.confidence:.0%} lower bound {self.lower_bound:+.3f} {'>' if self.passed else '<='} "
+                f"{self.min_gain:+.3f}: {verdict}")
+
+
+def paired_test(candidate: Sequence[float], incumbent: Sequence[float], *, form: str, min_gain: float = 0.0,
+                confidence: float = 0.95) -> PreferenceTest:
+    """Both sequences score the same examples in the same order (``PreferenceScore.scores``)."""
+    n = len(candidate)
+    if n != len(incumbent):
+        raise KtoLoopError(f"the candidate scored {n} held-out examples and the incumbent {len(incumbent)}: "
+                           "they must be scored on the same snapshot split")
+    if n < 2:
+        raise KtoLoopError(f"{n} held-out example(s): too few to test a gain; raise dataset.holdout_fraction")
+    diffs = [c - i for c, i in zip(candidate, incumbent)]
+    gain = sum(diffs) / n
+    stderr = math.sqrt(sum((d - gain) ** 2 for d in diffs) / (n - 1) / n)
+    bound = gain - float(stats.t.ppf(confidence, n - 1)) * stderr
+    return PreferenceTest(form, n, sum(candidate) / n, sum(incumbent) / n, gain, stderr, bound, min_gain,
+                          confidence, passed=bound > min_gain)
+
+
+@dataclass(frozen=True)
+class Gate:
+    passed: bool
+    summary: str
+    capability: dict[str, Any]
+    preference: dict[str, Any]
+    incumbent_id: str | None = None
+    """The model serving when the verdict was reached (None: the bare reference); a verdict is about it only."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def verdict(preference: PreferenceTest, capability, incumbent_id: str | None, versus: str,
+            guard_stop: dict | None = None) -> Gate:
+    """Promote only when the preference gain is significant, no capability regresses, and no guard stopped
+    the run (PPO's KL bound or reward-hacking check)."""
+    cap = (f"capability {'ok' if capability.passed else 'REGRESSION'}: "
+           + "; ".join(c.describe() for c in capability.failures or capability.checks[:3]))
+    pref = f"vs {versus}: {preference.describe()}"
+    guard = f" | stopped by a guard: {guard_stop.get('reason', guard_stop)}" if guard_stop else ""
+    passed = capability.passed and preference.passed and not guard_stop
+    head = "PROMOTE" if passed else "REJECT"
+    return Gate(passed=passed, summary=f"{head} | {pref} | {cap}{guard}",
+                capability={"passed": capability.passed, "checks": [dataclasses.asdict(c) for c in capability.checks],
+                            "problems": capability.problems},
+                preference={**dataclasses.asdict(preference), "guard_stop": guard_stop},
+                incumbent_id=incumbent_id)

@@ -1,0 +1,97 @@
+"""The promotion gate: a paired one-sided test on held-out preferences (pure), and noise that must not pass it."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats
+
+from flows.gate import paired_test, verdict
+from monitoring.regression import RegressionResult
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
+from train_helpers import bad, good, write_snapshot  # noqa: E402
+
+PASS = RegressionResult(True, [])
+
+
+def test_the_bound_is_the_one_sided_t_bound_of_the_mean_paired_gain():
+    candidate = [1, 1, 0, 1, 0.5, 1, 1, 0, 1, 1]
+    incumbent = [0.5] * 10
+    test = paired_test(candidate, incumbent, form="pairs", confidence=0.95)
+    diffs = [c - 0.5 for c in candidate]
+    mean = sum(diffs) / 10
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 9 / 10)
+    assert test.gain == pytest.approx(mean) and test.stderr == pytest.approx(se)
+    assert test.lower_bound == pytest.approx(mean - stats.t.ppf(0.95, 9) * se)
+    assert test.n == 10 and test.candidate == pytest.approx(0.75) and test.incumbent == 0.5
+    assert test.passed == (test.lower_bound > 0)
+
+
+def test_a_gain_at_the_noise_floor_is_rejected_and_a_clear_one_promoted():
+    n = 300
+    tiny_gain = [1.0 if i % 2 == 0 else 0.0 for i in range(n)]
+    tiny_gain[1] = 1.0  # 151 right of 300: a +0.003 gain the old "any gain" rule promoted
+    noisy = paired_test(tiny_gain, [0.5] * n, form="pairs")
+    assert noisy.gain > 0 and not noisy.passed
+    clear = paired_test([1.0 if i % 5 else 0.0 for i in range(n)], [0.5] * n, form="pairs")  # 80% right
+    assert clear.passed and clear.lower_bound > 0.25
+    gate = verdict(clear, PASS, None, "the reference")
+    assert gate.passed and gate.summary.startswith("PROMOTE")
+    assert "paired t test, n=300" in gate.summary and "95% lower bound" in gate.summary
+    assert "significantly better" in gate.summary
+
+
+def test_ties_everywhere_never_pass_and_a_guard_stop_or_regression_rejects():
+    tie = paired_test([0.5] * 50, [0.5] * 50, form="thumbs")
+    assert tie.gain == 0 and tie.stderr == 0 and not tie.passed
+    clear = paired_test([1.0] * 50, [0.5] * 50, form="pairs")
+    assert clear.passed
+    assert not verdict(clear, PASS, None, "the reference", {"reason": "kl bound"}).passed
+    assert not verdict(clear, RegressionResult(False, [], ["arc_easy: missing"]), None, "x").passed
+
+
+def test_scores_must_cover_the_same_examples():
+    with pytest.raises(Exception, match="same snapshot split"):
+        paired_test([1.0, 0.0], [0.5], form="pairs")
+
+
+def heldout_pairs_snapshot(root: Path, n: int = 60):
+    topics = [f"item {i}" for i in range(n)]
+    rows = [{"prompt": f"Tell me about {t}.", "chosen": good(t), "rejected": bad(t)} for t in topics]
+    thumbs = [r for t in topics for r in ({"prompt": f"Tell me about {t}.", "completion": good(t), "label": True},
+                                          {"prompt": f"Tell me about {t}.", "completion": bad(t), "label": False})]
+    return write_snapshot(root, "noise", kto_train=thumbs[:8], kto_eval=thumbs, pairs_train=rows[:4], pairs_eval=rows)
+
+
+def test_random_noise_adapters_are_not_promoted(tiny_reference, tmp_path):
+    """An untrained LoRA with random N(0, 0.03) weights on q/k/v/o moves the log-probs but learns nothing:
+    the old rule (any lower held-out loss) promoted 3 of 8 such; the paired bound must reject them."""
+    from peft import LoraConfig, get_peft_model
+
+    from training.config import TrainConfig
+    from training.evaluate import evaluate_preference, reference_score
+    from training.modeling import load_model
+
+    snapshot = heldout_pairs_snapshot(tmp_path / "snaps")
+    config = TrainConfig(method="kto", device="cpu", max_length=64, max_prompt_length=32)
+    reference = reference_score(snapshot, config)
+    assert reference.accuracy == 0.5 and set(reference.scores) == {0.5} and len(reference.scores) == 60
+    promoted = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        base, tokenizer = load_model(tiny_reference.path, device="cpu")
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                     "o_proj"]))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.normal_(0, 0.03)
+        score = evaluate_preference(model, tokenizer, snapshot, tiny_reference, config, cache_dir=tmp_path / "cache")
+        assert score.form == "pairs" and len(score.scores) == 60
+        promoted += paired_test(score.scores, reference.scores, form=score.form).passed
+    assert promoted <= 1  # at a 5% one-sided level, 2+ of 8 would happen by chance 5.7% of the time
