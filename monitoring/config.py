@@ -38,7 +38,8 @@ class MonitorConfig:
     alpha: float = 0.01
     """Significance level of the drift tests."""
     min_rate_change: float = 0.02
-    """A thumbs-up or rejection rate must also move this much (absolute) to be called drift."""
+    """A thumbs-up rate must also move this much (absolute) to be called drift (a rejection rate: any
+    significant rise). One rule for the finding and the report: ``monitoring.drift.is_drift``."""
     min_ks_distance: float = 0.05
     """A length distribution must also move this far (Kolmogorov-Smirnov D) to be called drift."""
     min_rows: int = 200

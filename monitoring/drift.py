@@ -1,8 +1,9 @@
 """Preference drift between a reference and a current window of landed feedback, as a structured finding.
 
 DuckDB aggregates the rows into counts (label, prompt/response length, unseen prompts, per model version and
-overall; dead letters overall); the tests in ``monitoring.stats`` run on those counts. The same count table
-feeds the Evidently report, so the report and the finding the flows act on cannot disagree.
+overall; dead letters overall); the tests in ``monitoring.stats`` run on those counts, and ``is_drift`` says
+which results are drift. The same count table and ``is_drift`` feed the Evidently report's tests, so the report
+and the finding the flows act on cannot disagree.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from monitoring.stats import Significance, ks_test, two_proportion_test
 
 ALL = "*"
 """Scope name of the all-model-versions aggregate."""
+LENGTH_TESTS = ("prompt_length", "response_length")
+"""Tests of a length distribution (Kolmogorov-Smirnov); the others compare the share of a 0/1 stat."""
 
 _COUNTS_SQL = """
 WITH windowed AS (
@@ -180,6 +183,24 @@ class Counts:
         return sorted({s for (w, s, stat) in self._hist if w == window and stat == "label"})
 
 
+def is_drift(name: str, sig: Significance, current: float, config: MonitorConfig) -> bool:
+    """The drift rule of test ``name``, the only copy: the finding and the Evidently report's tests both call it.
+
+    Significant is not enough: at 2,000,000 rows a window, thumbs-up 0.500 -> 0.505 has p ~ 1e-23, so a change
+    must also be large enough to act on. ``current``: the current window's share (the unseen-prompt rule).
+    """
+    significant = sig.p_value < config.alpha
+    if name == "thumbs_up_rate":
+        return significant and abs(sig.effect) >= config.min_rate_change
+    if name in LENGTH_TESTS:
+        return significant and sig.effect >= config.min_ks_distance
+    if name == "rejection_rate":  # any significant rise: malformed messages are an ingest fault, not a trend
+        return significant and sig.effect > 0
+    if name == "unseen_prompt_share":  # new prompts are normal; only too large a share of them is flagged
+        return current > config.max_unseen_prompt_share
+    raise KtoLoopError(f"no drift rule for test {name!r}")
+
+
 def _rate(hits: float, n: float) -> float:
     return hits / n if n else float("nan")
 
@@ -190,14 +211,15 @@ def _mean(hist: dict[int, float]) -> float:
 
 
 def _proportion(counts: Counts, name: str, stat: str, scope: str, baseline: str, min_rows: int,
-                drifted_if) -> DriftTest:
+                config: MonitorConfig) -> DriftTest:
     ref_hits, ref_n = counts.share("reference", baseline, stat)
     cur_hits, cur_n = counts.share("current", scope, stat)
     tested = ref_n >= min_rows and cur_n >= min_rows
     sig = two_proportion_test(ref_hits, ref_n, cur_hits, cur_n) if tested else Significance(0.0, 1.0, 0.0)
-    return DriftTest(name, scope, baseline, _rate(ref_hits, ref_n), _rate(cur_hits, cur_n), int(ref_n), int(cur_n),
-                     sig.statistic, sig.p_value if tested else None, _rate(cur_hits, cur_n) - _rate(ref_hits, ref_n),
-                     tested and drifted_if(sig))
+    current = _rate(cur_hits, cur_n)
+    return DriftTest(name, scope, baseline, _rate(ref_hits, ref_n), current, int(ref_n), int(cur_n),
+                     sig.statistic, sig.p_value if tested else None, current - _rate(ref_hits, ref_n),
+                     tested and is_drift(name, sig, current, config))
 
 
 def _distribution(counts: Counts, name: str, stat: str, scope: str, baseline: str, config: MonitorConfig) -> DriftTest:
@@ -207,7 +229,7 @@ def _distribution(counts: Counts, name: str, stat: str, scope: str, baseline: st
     sig = ks_test(ref, cur) if tested else Significance(0.0, 1.0, 0.0)
     return DriftTest(name, scope, baseline, _mean(ref), _mean(cur), int(ref_n), int(cur_n),
                      sig.statistic, sig.p_value if tested else None, sig.effect,
-                     tested and sig.p_value < config.alpha and sig.effect >= config.min_ks_distance)
+                     tested and is_drift(name, sig, _mean(cur), config))
 
 
 def find_drift(counts_table: pl.DataFrame, reference: Window, current: Window,
@@ -215,20 +237,16 @@ def find_drift(counts_table: pl.DataFrame, reference: Window, current: Window,
     """Run every test on a count table (see ``count_table``)."""
     config = config or MonitorConfig()
     counts = Counts(counts_table)
-    alpha, min_change = config.alpha, config.min_rate_change
     tests: list[DriftTest] = []
     for scope in counts.scopes("current"):
         # a version without enough reference traffic of its own (a new model) is compared with all of it
         own = counts.total("reference", scope, "label") >= config.min_rows
         baseline = scope if own else ALL
-        tests.append(_proportion(counts, "thumbs_up_rate", "label", scope, baseline, config.min_rows,
-                                 lambda s: s.p_value < alpha and abs(s.effect) >= min_change))
+        tests.append(_proportion(counts, "thumbs_up_rate", "label", scope, baseline, config.min_rows, config))
         tests.append(_distribution(counts, "prompt_length", "prompt_length", scope, baseline, config))
         tests.append(_distribution(counts, "response_length", "response_length", scope, baseline, config))
-    unseen = _proportion(counts, "unseen_prompt_share", "unseen_prompt", ALL, ALL, 1, lambda s: False)
-    tests.append(DriftTest(**{**asdict(unseen), "drifted": unseen.current > config.max_unseen_prompt_share}))
-    tests.append(_proportion(counts, "rejection_rate", "rejected", ALL, ALL, config.min_rows,
-                             lambda s: s.p_value < alpha and s.effect > 0))
+    tests.append(_proportion(counts, "unseen_prompt_share", "unseen_prompt", ALL, ALL, 1, config))
+    tests.append(_proportion(counts, "rejection_rate", "rejected", ALL, ALL, config.min_rows, config))
     reasons = [_reason(t) for t in tests if t.drifted]
     return DriftFinding(bool(reasons), reasons, tests, str(reference), str(current))
 

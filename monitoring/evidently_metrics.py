@@ -96,6 +96,42 @@ class DistributionDriftPValueCalculation(SingleValueCalculation[DistributionDrif
         return f"Drift p-value of {self.metric.stat}, Kolmogorov-Smirnov ({_scope(self.metric.scope)})"
 
 
+class DriftDetected(SingleValueMetric):
+    """1 when test ``test`` of the drift finding is drift, else 0: its statistic recomputed from the counts and
+    judged by ``monitoring.drift.is_drift`` with these thresholds (the ``[monitoring]`` section's), so the
+    report's test and the finding apply one rule."""
+
+    test: str
+    """A ``DriftTest.name``: thumbs_up_rate, prompt_length, response_length, unseen_prompt_share, rejection_rate."""
+    stat: str
+    scope: str = "*"
+    baseline: str = "*"
+    alpha: float
+    min_rate_change: float
+    min_ks_distance: float
+    max_unseen_prompt_share: float
+
+
+class DriftDetectedCalculation(SingleValueCalculation[DriftDetected]):
+    def calculate(self, context, current_data: Dataset, reference_data: Optional[Dataset]):
+        from monitoring.config import MonitorConfig
+        from monitoring.drift import LENGTH_TESTS, is_drift
+
+        m = self.metric
+        ref, cur = _hist(reference_data, m.baseline, m.stat), _hist(current_data, m.scope, m.stat)
+        if m.test in LENGTH_TESTS:
+            sig = ks_test(ref, cur)
+        else:
+            sig = two_proportion_test(*_share(ref), *_share(cur))
+        hits, n = _share(cur)
+        config = MonitorConfig(alpha=m.alpha, min_rate_change=m.min_rate_change, min_ks_distance=m.min_ks_distance,
+                               max_unseen_prompt_share=m.max_unseen_prompt_share)
+        return self.result(float(is_drift(m.test, sig, hits / n if n else float("nan"), config)))
+
+    def display_name(self) -> str:
+        return f"Drift of {self.metric.test} ({_scope(self.metric.scope)}): 1 = drift"
+
+
 class BenchmarkScore(SingleValueMetric):
     """One capability score of the evaluated model (rows of the ``evaluations`` table)."""
 

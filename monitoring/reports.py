@@ -28,10 +28,12 @@ class DriftReport:
     """The run's id in the Evidently workspace (None when no workspace was given)."""
 
 
-def _drift_metrics(finding: DriftFinding, alpha: float) -> list:
-    from evidently.tests import gte
+def _drift_metrics(finding: DriftFinding, config: MonitorConfig) -> list:
+    """Shares and p-values for the panels; the tests are on ``DriftDetected`` (the finding's rule), one per
+    tested finding test, so the report passes exactly when the finding has no drift."""
+    from evidently.tests import eq
 
-    from monitoring.evidently_metrics import DistributionDriftPValue, FeedbackShare, ShareDriftPValue
+    from monitoring.evidently_metrics import DistributionDriftPValue, DriftDetected, FeedbackShare, ShareDriftPValue
 
     by_type = {"thumbs_up_rate": ("label", ShareDriftPValue), "rejection_rate": ("rejected", ShareDriftPValue),
                "unseen_prompt_share": ("unseen_prompt", ShareDriftPValue),
@@ -42,12 +44,18 @@ def _drift_metrics(finding: DriftFinding, alpha: float) -> list:
         stat, metric_type = by_type[test.name]
         if metric_type is ShareDriftPValue:
             metrics.append(FeedbackShare(stat=stat, scope=test.scope))
-        if test.p_value is not None and test.name != "unseen_prompt_share":
-            metrics.append(metric_type(stat=stat, scope=test.scope, baseline=test.baseline, tests=[gte(alpha)]))
+        if test.p_value is None:
+            continue  # too few rows: reported, not tested
+        if test.name != "unseen_prompt_share":
+            metrics.append(metric_type(stat=stat, scope=test.scope, baseline=test.baseline))
+        metrics.append(DriftDetected(test=test.name, stat=stat, scope=test.scope, baseline=test.baseline,
+                                     alpha=config.alpha, min_rate_change=config.min_rate_change,
+                                     min_ks_distance=config.min_ks_distance,
+                                     max_unseen_prompt_share=config.max_unseen_prompt_share, tests=[eq(0)]))
     return metrics
 
 
-def build_drift_snapshot(table: pl.DataFrame, finding: DriftFinding, current: Window, alpha: float):
+def build_drift_snapshot(table: pl.DataFrame, finding: DriftFinding, current: Window, config: MonitorConfig):
     """An Evidently snapshot whose metrics recompute the finding's numbers from the count table."""
     from evidently import Report
 
@@ -56,7 +64,7 @@ def build_drift_snapshot(table: pl.DataFrame, finding: DriftFinding, current: Wi
     frame = table.to_pandas()
     datasets = {p: count_dataset(frame[frame["period"] == p].drop(columns="period").reset_index(drop=True))
                 for p in ("reference", "current")}
-    report = Report(_drift_metrics(finding, alpha), metadata={"kind": "drift", "drifted": str(finding.drifted)},
+    report = Report(_drift_metrics(finding, config), metadata={"kind": "drift", "drifted": str(finding.drifted)},
                     tags=["drift"])
     return report.run(datasets["current"], datasets["reference"], timestamp=_naive_utc(current.end),
                       name=f"drift {finding.current}")
@@ -70,7 +78,7 @@ def drift_report(store: Store, out_dir: Path, *, reference: Window | None = None
         default_ref, default_cur = default_windows(store, config.window_days)
         reference, current = reference or default_ref, current or default_cur
     finding, table = drift_finding(store, reference, current, config)
-    snapshot = build_drift_snapshot(table, finding, current, config.alpha)
+    snapshot = build_drift_snapshot(table, finding, current, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"drift-{current.end.astimezone(dt.timezone.utc):%Y%m%dT%H%M%S}"
     html, report_json, finding_json = out_dir / f"{stem}.html", out_dir / f"{stem}.json", out_dir / f"{stem}.finding.json"

@@ -28,7 +28,10 @@ def load_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load base weights (+ a peft adapter, merged for inference speed) and the tokenizer, in eval mode."""
+    """Load base weights (+ a peft adapter, merged for inference speed) and the tokenizer, in eval mode.
+
+    The merged model computes what the trained PeftModel did, for every LoRA target: see ``_untie_adapted``.
+    """
     base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():
         raise KtoLoopError(f"no model at {base_dir} (config.json missing); run `ktoloop reference materialize-smollm2`")
@@ -39,11 +42,31 @@ def load_model(
 
         if not (Path(adapter_dir) / "adapter_config.json").is_file():
             raise KtoLoopError(f"no peft adapter at {adapter_dir} (adapter_config.json missing)")
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        adapted = PeftModel.from_pretrained(model, str(adapter_dir))
+        _untie_adapted(adapted.get_base_model())
+        model = adapted.merge_and_unload()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device or default_device()).eval()
     return model, tokenizer
+
+
+def _untie_adapted(model: PreTrainedModel) -> None:
+    """Give the output embedding its own copy of a tied matrix when LoRA adapts either end.
+
+    While training, a LoRA on ``lm_head`` (or ``embed_tokens``) changed only that end; merging it into the one
+    shared matrix would change both (SmolLM2 ties them), so the merged model would not be the trained policy.
+    Untied, each end gets exactly its own update; the merged model holds one more vocab x hidden matrix.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    ends = [model.get_input_embeddings(), model.get_output_embeddings()]
+    if ends[1] is None or not any(isinstance(end, BaseTunerLayer) for end in ends):
+        return
+    inp, out = (end.get_base_layer() if isinstance(end, BaseTunerLayer) else end for end in ends)
+    if out.weight is inp.weight:
+        out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+        model.config.tie_word_embeddings = False  # so nothing re-ties them (tie_weights, save_pretrained)
 
 
 def smollm2_gguf_path() -> Path:

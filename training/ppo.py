@@ -11,12 +11,13 @@ so no second copy of the model is held. The output is what the offline trainer w
         ``reward``: a RewardModelInfo (re-hashed, must be trained on ``reference``) or a RewardFn.
 
 Stops, in order of checking: the compute budget (generated tokens / wall seconds: a step starts only if its
-worst case fits), ``max_steps``, the KL bound (the mean per-sequence KL of a rollout above ``kl_bound``), and
-reward hacking (the mean reward since the last held-out evaluation is above the one at the best held-out
-preference accuracy while the accuracy fell below that best by more than ``accuracy_drop`` and two standard
-errors). A guard stop is
-recorded in the metadata under ``stop`` (``guard: true``) so promotion can refuse the candidate. At the end,
-``heldout_reward`` samples ``eval_prompts`` held-out prompts from the reference and from the policy (same seed)
+worst case fits; in seconds, that is the slowest step so far, the first one bounded by a dry step: a step with
+every completion ``max_new_tokens`` long, plus a held-out evaluation when ``eval_every`` asks for them, timed
+before the clock starts and then undone), ``max_steps``, the KL bound (the mean per-sequence KL of a rollout
+above ``kl_bound``), and reward hacking (the mean reward since the last held-out evaluation is above the one at
+the best held-out preference accuracy while the accuracy fell below that best by more than ``accuracy_drop``
+and two standard errors). A guard stop is recorded in the metadata under ``stop`` (``guard: true``) so
+promotion can refuse the candidate. At the end, ``heldout_reward`` samples ``eval_prompts`` held-out prompts from the reference and from the policy (same seed)
 and records both mean rewards, their paired difference and the policy's KL: the run's before/after. That KL
 is held to ``kl_bound`` too (no rollout measured the last update): above it, the run is flagged the same way.
 """
@@ -62,8 +63,8 @@ class PPOConfig(LoraFields):
     max_generated_tokens: int = 0
     """Budget: generated tokens over the whole run (resumes included); 0 = no token budget."""
     max_seconds: float = 0.0
-    """Budget: wall seconds of the PPO loop over the whole run (resumes included; model loading and the final
-    evaluation excluded); 0 = no time budget."""
+    """Budget: wall seconds of the PPO loop over the whole run (resumes included; model loading, the dry step
+    that bounds the first step, and the final evaluation excluded); 0 = no time budget."""
     max_steps: int = 0
     """PPO steps (rollout + update); 0 = until the budget is spent."""
     rollout_batch_size: int = 16
@@ -235,8 +236,9 @@ class Rollout:
 
 @torch.no_grad()
 def generate(policy, prompts: list[list[int]], config: PPOConfig, pad_id: int, eos_id: int,
-             device: torch.device) -> Rollout:
-    """Sample one completion per prompt with the config's sampling settings, in one batch."""
+             device: torch.device, full_length: bool = False) -> Rollout:
+    """Sample one completion per prompt with the config's sampling settings, in one batch; ``full_length``:
+    never end early (a step's worst case, for the dry step)."""
     from transformers import GenerationConfig
 
     width = max(len(p) for p in prompts)
@@ -247,7 +249,7 @@ def generate(policy, prompts: list[list[int]], config: PPOConfig, pad_id: int, e
         attention[row, width - len(prompt):] = 1
     settings = GenerationConfig(do_sample=True, temperature=config.temperature, top_k=config.top_k,
                                 top_p=config.top_p, max_new_tokens=config.max_new_tokens, pad_token_id=pad_id,
-                                eos_token_id=eos_id)
+                                eos_token_id=eos_id, min_new_tokens=config.max_new_tokens if full_length else 0)
     policy.eval()
     out = policy.generate(input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=settings)
     completion = out[:, width:]
@@ -310,9 +312,9 @@ class Experience:
 # -------------------------------------------------------------------------------------------------- the step
 
 def experience(policy, value_head, ref_model, prompts: list[list[int]], reward_fn: RewardFn, config: PPOConfig,
-               pad_id: int, eos_id: int, device: torch.device) -> Experience:
+               pad_id: int, eos_id: int, device: torch.device, full_length: bool = False) -> Experience:
     """Generate, score, and compute old log-probs, values, KL-penalised rewards and advantages."""
-    rollout = generate(policy, prompts, config, pad_id, eos_id, device)
+    rollout = generate(policy, prompts, config, pad_id, eos_id, device, full_length)
     scores = torch.as_tensor(reward_fn(rollout.prompts, rollout.completions), dtype=torch.float32).to(device)
     with torch.no_grad():
         old_logps, old_values = policy_forward(policy, value_head, rollout, config.temperature)
@@ -376,6 +378,39 @@ def ppo_update(policy, value_head, optimizer, exp: Experience, config: PPOConfig
     return {key: value / updates for key, value in totals.items()}
 
 
+def dry_run(policy, value_head, optimizer, device: torch.device, *work: Callable[[], object]) -> list[float]:
+    """Seconds each of ``work`` takes, run and then undone: trainable weights, value head, optimizer state and
+    RNG are restored, so a time budget changes where a run stops, never what it computes."""
+    import copy
+
+    weights, head = trainable_state(policy), copy.deepcopy(value_head.state_dict())
+    moments, rng = copy.deepcopy(optimizer.state_dict()), torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    seconds = []
+    for job in work:
+        t0 = time.perf_counter()
+        job()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+    _copy_trainable(policy, weights, "the dry step")
+    value_head.load_state_dict(head)
+    optimizer.load_state_dict(moments)
+    torch.set_rng_state(rng)
+    if cuda_rng:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return seconds
+
+
+def _copy_trainable(policy, values: dict[str, torch.Tensor], source: str) -> None:
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            if name not in params:
+                raise KtoLoopError(f"{source} does not match this model ({name}); start a fresh run")
+            params[name].copy_(value)
+
+
 # --------------------------------------------------------------------------------------------- stop rules
 
 @dataclass
@@ -385,12 +420,26 @@ class Budget:
     tokens: int = 0
     seconds: float = 0.0
     """Spent before this process started (resumed runs)."""
+    step_seconds: float | None = None
+    """Slowest rollout + update so far, the dry step's included: what a next step is assumed to take."""
+    eval_seconds: float = 0.0
+    """Slowest held-out evaluation so far, the dry step's included: added for a step that evaluates."""
 
-    def exhausted(self, config: PPOConfig, elapsed: float, step_seconds: float) -> str | None:
+    def observe(self, step_seconds: float, eval_seconds: float | None = None) -> None:
+        self.step_seconds = max(self.step_seconds or 0.0, step_seconds)
+        self.eval_seconds = max(self.eval_seconds, eval_seconds or 0.0)
+
+    def next_step_seconds(self, evaluates: bool) -> float:
+        if self.step_seconds is None:  # never guess 0 (the first step used to start on any budget)
+            raise KtoLoopError("PPO cannot bound its next step's time: observe a (dry) step before checking "
+                               "ppo.max_seconds")
+        return self.step_seconds + (self.eval_seconds if evaluates else 0.0)
+
+    def exhausted(self, config: PPOConfig, elapsed: float, evaluates: bool) -> str | None:
         """Why the next step may not start: its worst case would overrun a budget."""
         if self.max_tokens and self.tokens + config.rollout_tokens() > self.max_tokens:
             return "budget_tokens"
-        if self.max_seconds and self.seconds + elapsed + step_seconds > self.max_seconds:
+        if self.max_seconds and self.seconds + elapsed + self.next_step_seconds(evaluates) > self.max_seconds:
             return "budget_seconds"
         return None
 
@@ -477,16 +526,34 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
         _load_checkpoint(out_dir, policy, value_head, optimizer, config, budget, guard, state)
     out_dir.mkdir(parents=True, exist_ok=True)
     truncate_metrics(out_dir / METRICS_FILE, state["step"])
-    step, stop, step_seconds, clock = state["step"], None, 0.0, time.perf_counter()
+    step, stop = state["step"], None
+    evaluates = lambda s: bool(eval_config and config.eval_every and s % config.eval_every == 0)  # noqa: E731
+    if config.max_seconds:  # the first step needs a bound too: time a worst-case one, undo it, then start the clock
+        def worst_step() -> None:
+            ppo_update(policy, value_head, optimizer, experience(
+                policy, value_head, ref_model, _sample(prompts, step, config), reward_fn, config,
+                tokenizer.pad_token_id, tokenizer.eos_token_id, device, full_length=True), config)
+
+        def evaluation() -> None:
+            evaluate_preference(policy, tokenizer, snapshot, reference, eval_config, cache_dir=cache_dir)
+
+        work = [worst_step, evaluation] if eval_config and config.eval_every else [worst_step]
+        budget.observe(*dry_run(policy, value_head, optimizer, device, *work))
+    clock = time.perf_counter()
 
     while stop is None:
         if config.max_steps and step >= config.max_steps:
             stop = ("max_steps", "")
             break
-        if why := budget.exhausted(config, time.perf_counter() - clock, step_seconds):
-            stop = (why, f"spent {budget.tokens} tokens, {budget.seconds + time.perf_counter() - clock:.1f} s")
+        if why := budget.exhausted(config, time.perf_counter() - clock, evaluates(step + 1)):
+            detail = f"spent {budget.tokens} tokens, {budget.seconds + time.perf_counter() - clock:.1f} s"
+            if why == "budget_seconds":
+                detail += (f" of {config.max_seconds} s; the next step may take "
+                           f"{budget.next_step_seconds(evaluates(step + 1)):.2f} s")
+            stop = (why, detail)
             break
         t0 = time.perf_counter()
+        eval_seconds = None
         exp = experience(policy, value_head, ref_model, _sample(prompts, step, config), reward_fn, config,
                          tokenizer.pad_token_id, tokenizer.eos_token_id, device)
         budget.tokens += exp.tokens
@@ -498,14 +565,17 @@ def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_d
         else:
             metrics.update(ppo_update(policy, value_head, optimizer, exp, config))
             step += 1
-            if eval_config and config.eval_every and step % config.eval_every == 0:
+            if evaluates(step):
+                t_eval = time.perf_counter()
                 score = evaluate_preference(policy, tokenizer, snapshot, reference, eval_config, cache_dir=cache_dir)
+                eval_seconds = time.perf_counter() - t_eval
                 window_reward = sum(state["window"]) / len(state["window"])
                 state["window"] = []
                 metrics["eval_accuracy"] = score.accuracy
                 if why := guard.check_eval(step, window_reward, score.accuracy, score.examples):
                     stop = ("reward_hacking", why)
         step_seconds = time.perf_counter() - t0
+        budget.observe(step_seconds - (eval_seconds or 0.0), eval_seconds)
         metrics.update(seconds=round(step_seconds, 4), seconds_total=round(budget.seconds + time.perf_counter() - clock, 2))
         with (out_dir / METRICS_FILE).open("a") as fh:
             fh.write(json.dumps(metrics) + "\n")
@@ -617,12 +687,7 @@ def _load_checkpoint(out_dir: Path, policy, value_head, optimizer, config: PPOCo
         raise KtoLoopError(f"checkpoint {found[-1]} was written with another ppo config ({saved['config']} != "
                            f"{config.fingerprint()}); only the budget (max_generated_tokens, max_seconds, max_steps) "
                            f"may change on --resume")
-    params = dict(policy.named_parameters())
-    with torch.no_grad():
-        for name, value in saved["trainable"].items():
-            if name not in params:
-                raise KtoLoopError(f"checkpoint {found[-1]} does not match this model ({name}); start a fresh run")
-            params[name].copy_(value)
+    _copy_trainable(policy, saved["trainable"], f"checkpoint {found[-1]}")
     value_head.load_state_dict(saved["value_head"])
     optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"])
@@ -650,7 +715,8 @@ def _meta(config, snapshot, reference, reward_record, steps, n_prompts, started,
         "rollouts": {"first": {k: first[k] for k in ("step", "reward", "kl")} if first else None,
                      "last": {k: last[k] for k in ("step", "reward", "kl")} if last else None},
         "budget": {"max_generated_tokens": config.max_generated_tokens, "max_seconds": config.max_seconds,
-                   "generated_tokens": budget.tokens, "seconds": last.get("seconds_total", 0.0)},
+                   "generated_tokens": budget.tokens, "seconds": last.get("seconds_total", 0.0),
+                   "step_seconds_bound": budget.step_seconds, "eval_seconds_bound": budget.eval_seconds},
         "stop": stop,
         "guard_evals": guard.evals,
         "eval": dataclasses.asdict(score) if score else None,

@@ -8,11 +8,13 @@ import json
 import subprocess
 import sys
 
+import polars as pl
 import pytest
 
 from ktoloop.store import Store
-from monitoring.drift import Window
-from monitoring.reports import drift_report
+from monitoring.config import MonitorConfig
+from monitoring.drift import Window, find_drift
+from monitoring.reports import build_drift_snapshot, drift_report
 from monitoring.synthetic import feedback_frame, insert_feedback
 
 T0 = dt.datetime(2025, 3, 1, tzinfo=dt.timezone.utc)
@@ -28,6 +30,41 @@ def three_weeks(tmp_path) -> Store:
     insert_feedback(store, feedback_frame(600, T0 + 2 * WEEK, T0 + 3 * WEEK, up_rate=0.5, model_version="v2",
                                           seed=9))
     return store
+
+
+def report_verdicts(report_json: dict) -> dict[tuple[str, str], bool]:
+    """(finding test name, scope) -> drift, as the Evidently report's tests say."""
+    return {(t["metric_config"]["params"]["test"], t["metric_config"]["params"]["scope"]): t["status"] == "FAIL"
+            for t in report_json["tests"]}
+
+
+def finding_verdicts(finding) -> dict[tuple[str, str], bool]:
+    return {(t.name, t.scope): t.drifted for t in finding.tests if t.p_value is not None}
+
+
+def label_counts(n: int, reference_rate: float, current_rate: float) -> pl.DataFrame:
+    """A count table (see monitoring.drift.count_table): n thumbs per window, for all versions and for v1."""
+    rows = [(period, scope, "label", key, n * rate if key else n * (1 - rate))
+            for period, rate in (("reference", reference_rate), ("current", current_rate))
+            for scope in ("*", "v1") for key in (1, 0)]
+    return pl.DataFrame(rows, schema={"period": pl.Utf8, "scope": pl.Utf8, "stat": pl.Utf8, "key": pl.Int64,
+                                      "count": pl.Float64}, orient="row")
+
+
+@pytest.mark.parametrize("current_rate,drift", [(0.505, False), (0.530, True)])
+def test_report_and_finding_apply_one_rule_at_large_n(current_rate, drift):
+    """2,000,000 thumbs a window: 0.500 -> 0.505 is significant (p ~ 1e-23) but below min_rate_change (0.02).
+    The report's test used to check only p < alpha, so it flagged drift the finding did not."""
+    config = MonitorConfig()
+    table = label_counts(2_000_000, 0.500, current_rate)
+    finding = find_drift(table, Window(T0, T0 + WEEK), Window(T0 + WEEK, T0 + 2 * WEEK), config)
+    rate = next(t for t in finding.tests if t.name == "thumbs_up_rate" and t.scope == "*")
+    assert rate.p_value < config.alpha and finding.drifted is drift  # significant either way; drift only at 0.03
+
+    report = json.loads(build_drift_snapshot(table, finding, Window(T0 + WEEK, T0 + 2 * WEEK), config).json())
+    assert all(t["status"] == "SUCCESS" for t in report["tests"]) is not drift
+    assert report_verdicts(report) == finding_verdicts(finding) == {("thumbs_up_rate", "*"): drift,
+                                                                    ("thumbs_up_rate", "v1"): drift}
 
 
 def series(workspace, project_id, metric_type: str, **labels: str):
@@ -56,6 +93,7 @@ def test_two_reports_fill_the_workspace_and_its_panels(three_weeks, tmp_path):
         evidently_p = next(m["value"] for m in metrics if m["config"]["type"].endswith("ShareDriftPValue")
                            and m["config"]["stat"] == "label" and m["config"]["scope"] == "*")
         assert evidently_p == pytest.approx(finding["p_values"]["thumbs_up_rate[*]"])
+        assert report_verdicts(json.loads(report.json.read_text())) == finding_verdicts(report.finding)
 
     workspace, project = open_project(ws)
     assert len(workspace.list_runs(project.id)) == 2

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from ktoloop.cli import main
 from ktoloop.config import ConfigError
 from ktoloop.errors import KtoLoopError
-from training.ppo import HackingGuard, PPOConfig, gae, kl_penalised_rewards, ppo_loss, train_ppo
+from training.ppo import Budget, HackingGuard, PPOConfig, gae, kl_penalised_rewards, ppo_loss, train_ppo
 from training.reference import pin_reference
 
 # The reward is learnable by a 16-wide model only if its output can move: LoRA on lm_head too, high lr.
@@ -99,11 +99,51 @@ def test_kl_bound_stops_and_flags_the_run(peaked, toy, tmp_path):
     assert result.meta["steps"] == last["step"] - 1 < 8
 
 
-def test_time_budget_and_budget_config(peaked, toy, tmp_path):
+def test_time_budget_stops_before_a_first_step_that_would_overrun(peaked, toy, tmp_path):
+    """The first step used to start on any budget (no estimate = 0 s) and overran 0.05 s by a whole step."""
     reference, _, target = peaked
-    result = train_ppo(PPOConfig(max_seconds=0.01, **SMALL), toy, reference, tmp_path / "out", counter(target),
-                       cache_dir=tmp_path / "cache")
-    assert result.stop["reason"] == "budget_seconds" and result.meta["steps"] == 1  # one step, then over time
+    config = PPOConfig(max_seconds=0.05, **SMALL)
+    result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache")
+    assert result.stop["reason"] == "budget_seconds" and result.stop["guard"] is False
+    assert result.meta["steps"] == 0 and not (tmp_path / "out" / "metrics.jsonl").exists()  # no step started
+    bound = result.meta["budget"]["step_seconds_bound"]  # the dry step's time: longer than the whole budget
+    assert bound > config.max_seconds and f"the next step may take {bound:.2f} s" in result.stop["detail"]
+    assert result.meta["budget"]["seconds"] == 0.0 and result.meta["budget"]["generated_tokens"] == 0
+    # the dry step was undone: the saved adapter is the untrained one (LoRA B starts at zero)
+    adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert all(not v.any() for k, v in adapter.items() if "lora_B" in k)
+
+
+def test_a_time_budget_changes_where_the_run_stops_not_what_it_computes(peaked, toy, tmp_path):
+    reference, _, target = peaked
+    runs = {}
+    for name, budget in (("tokens", {}), ("tokens+seconds", {"max_seconds": 1e6})):
+        config = PPOConfig(max_generated_tokens=100_000, max_steps=2, **budget, **SMALL)
+        runs[name] = train_ppo(config, toy, reference, tmp_path / name, counter(target), cache_dir=tmp_path / "c")
+    assert [r.stop["reason"] for r in runs.values()] == ["max_steps", "max_steps"]
+    strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in ms]  # noqa: E731
+    assert strip(rows(tmp_path / "tokens")) == strip(rows(tmp_path / "tokens+seconds"))  # same RNG, same weights
+    a, b = (load_file(tmp_path / name / "adapter_model.safetensors") for name in runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_budget_holds_the_next_step_to_the_slowest_seen_and_never_guesses_zero():
+    config = PPOConfig(max_seconds=10.0, **SMALL)
+    budget = Budget(max_tokens=0, max_seconds=10.0)
+    with pytest.raises(KtoLoopError, match="cannot bound its next step"):
+        budget.exhausted(config, elapsed=0.0, evaluates=False)
+    budget.observe(3.0)                     # the dry step
+    budget.observe(1.0, eval_seconds=2.0)   # a faster step, then a held-out evaluation
+    assert budget.next_step_seconds(evaluates=False) == 3.0 and budget.next_step_seconds(evaluates=True) == 5.0
+    assert budget.exhausted(config, elapsed=6.5, evaluates=False) is None             # 6.5 + 3 fits in 10
+    assert budget.exhausted(config, elapsed=6.5, evaluates=True) == "budget_seconds"  # 6.5 + 3 + 2 does not
+    resumed = Budget(max_tokens=0, max_seconds=10.0, seconds=7.5)  # spent before a --resume counts
+    resumed.observe(3.0)
+    assert resumed.exhausted(config, elapsed=0.0, evaluates=False) == "budget_seconds"
+
+
+def test_budget_config(peaked, toy, tmp_path):
+    reference, _, target = peaked
     with pytest.raises(ConfigError, match="compute budget"):
         train_ppo(PPOConfig(**SMALL), toy, reference, tmp_path / "none", counter(target))
     with pytest.raises(ConfigError, match=r"ppo.max_generated_tokens \(10\) is below one rollout"):
