@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from flows.gate import paired_test, verdict
 from monitoring.regression import RegressionResult
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
-from train_helpers import bad, good, write_snapshot  # noqa: E402
+from train_helpers import write_snapshot  # noqa: E402
 
 PASS = RegressionResult(True, [])
 
@@ -60,27 +61,42 @@ def test_scores_must_cover_the_same_examples():
         paired_test([1.0, 0.0], [0.5], form="pairs")
 
 
-def heldout_pairs_snapshot(root: Path, n: int = 60):
-    topics = [f"item {i}" for i in range(n)]
-    rows = [{"prompt": f"Tell me about {t}.", "chosen": good(t), "rejected": bad(t)} for t in topics]
-    thumbs = [r for t in topics for r in ({"prompt": f"Tell me about {t}.", "completion": good(t), "label": True},
-                                          {"prompt": f"Tell me about {t}.", "completion": bad(t), "label": False})]
+WORDS = ("river stone bread quiet music paper silver window garden winter orange market letter candle forest "
+         "bridge yellow pocket basket island").split()
+
+
+def exchangeable_pairs_snapshot(root: Path, n: int = 80):
+    """Held-out pairs whose chosen and rejected answers are drawn from one distribution: nothing to learn, so
+    a perturbed model ranks each pair right with probability 1/2 (chosen/rejected are exchangeable)."""
+    rng = random.Random(0)
+
+    def sentence() -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + "."
+
+    rows = [{"prompt": f"Say something about {rng.choice(WORDS)} number {i}.", "chosen": sentence(),
+             "rejected": sentence()} for i in range(n)]
+    thumbs = [r for row in rows for r in ({"prompt": row["prompt"], "completion": row["chosen"], "label": True},
+                                          {"prompt": row["prompt"], "completion": row["rejected"], "label": False})]
     return write_snapshot(root, "noise", kto_train=thumbs[:8], kto_eval=thumbs, pairs_train=rows[:4], pairs_eval=rows)
 
 
-def test_random_noise_adapters_are_not_promoted(tiny_reference, tmp_path):
+def test_random_noise_adapters_are_not_promoted(tiny_model_dir, tmp_path):
     """An untrained LoRA with random N(0, 0.03) weights on q/k/v/o moves the log-probs but learns nothing:
-    the old rule (any lower held-out loss) promoted 3 of 8 such; the paired bound must reject them."""
+    the old rule (any lower held-out loss) promoted 3 of 8 such; the paired bound must reject them.
+    (Held-out pairs that all share one template would not do: a random direction then favours the same
+    template in every pair, and the pairs are not independent examples.)"""
     from peft import LoraConfig, get_peft_model
 
     from training.config import TrainConfig
     from training.evaluate import evaluate_preference, reference_score
     from training.modeling import load_model
+    from training.reference import pin_reference
 
-    snapshot = heldout_pairs_snapshot(tmp_path / "snaps")
+    tiny_reference = pin_reference(tiny_model_dir, "tiny-v1", tmp_path / "home")
+    snapshot = exchangeable_pairs_snapshot(tmp_path / "snaps")
     config = TrainConfig(method="kto", device="cpu", max_length=64, max_prompt_length=32)
     reference = reference_score(snapshot, config)
-    assert reference.accuracy == 0.5 and set(reference.scores) == {0.5} and len(reference.scores) == 60
+    assert reference.accuracy == 0.5 and set(reference.scores) == {0.5} and len(reference.scores) == 80
     promoted = 0
     for seed in range(8):
         torch.manual_seed(seed)
@@ -92,6 +108,22 @@ def test_random_noise_adapters_are_not_promoted(tiny_reference, tmp_path):
                 if "lora_" in name:
                     param.normal_(0, 0.03)
         score = evaluate_preference(model, tokenizer, snapshot, tiny_reference, config, cache_dir=tmp_path / "cache")
-        assert score.form == "pairs" and len(score.scores) == 60
+        assert score.form == "pairs" and len(score.scores) == 80
         promoted += paired_test(score.scores, reference.scores, form=score.form).passed
     assert promoted <= 1  # at a 5% one-sided level, 2+ of 8 would happen by chance 5.7% of the time
+
+
+@pytest.mark.slow
+def test_calibration_shuffled_labels_rarely_promote_and_a_planted_preference_does(tiny_model_dir, tmp_path):
+    """The small version of ``benchmarks/bench_gate.py`` (20 runs per condition, README): 4 seeds each."""
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    from bench_gate import VERSION, gate_run
+
+    from training.reference import pin_reference
+
+    reference = pin_reference(tiny_model_dir, VERSION, tmp_path / "home")
+    shuffled = [gate_run(reference, tmp_path / f"s{seed}", seed, shuffled=True, n_prompts=200) for seed in range(4)]
+    planted = [gate_run(reference, tmp_path / f"p{seed}", seed, shuffled=False, n_prompts=200) for seed in range(4)]
+    # at a calibrated 5% level, 2+ false promotions of 4 happen 1.4% of the time
+    assert sum(t.passed for t in shuffled) <= 1, [t.describe() for t in shuffled]
+    assert sum(t.passed for t in planted) >= 3, [t.describe() for t in planted]
