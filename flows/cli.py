@@ -35,22 +35,6 @@ def _time(text: str) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
-def resolve_model_version(home: Path, requested: str | None) -> str:
-    """The version to train from must be a pinned reference's: the feedback must be on that model's answers."""
-    from training.reference import list_references
-
-    pinned = sorted({r.model_version for r in list_references(home)})
-    if requested is None:
-        if len(pinned) != 1:
-            raise KtoLoopError(f"pass --model-version (pinned reference versions: {pinned or 'none'}; pin one "
-                               "with `ktoloop reference materialize-smollm2`)")
-        return pinned[0]
-    if requested not in pinned:
-        raise KtoLoopError(f"model version {requested!r} has no pinned reference (pinned: {pinned or 'none'}); "
-                           "datasets are built only for the version of a pinned reference")
-    return requested
-
-
 def dataset_config(settings: Settings):
     from flows.dataset import DatasetConfig
 
@@ -61,14 +45,16 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
     import dataclasses
 
     from flows.dataset import build_dataset
+    from flows.lineage import resolve_model_version
     from ktoloop.store import Store
 
     config = dataset_config(settings)
     if args.holdout is not None:
         config = dataclasses.replace(config, holdout_fraction=args.holdout)
-    version = resolve_model_version(settings.home_dir, args.model_version)
-    result = build_dataset(Store(settings.db_path, settings.store.lock_timeout_s), settings.home_dir, config,
-                           version, since=args.since, until=args.until, force_method=args.method)
+    store = Store(settings.db_path, settings.store.lock_timeout_s)
+    version = resolve_model_version(settings, store, args.model_version)
+    result = build_dataset(store, settings.home_dir, config, version, since=args.since, until=args.until,
+                           force_method=args.method)
     print(f"snapshot {result.snapshot.manifest.snapshot_id} ({'reused' if result.reused else 'built'} in "
           f"{result.seconds:.1f} s) at {result.snapshot.path}")
     _print_summary(result.snapshot.manifest)
@@ -127,6 +113,10 @@ def add_loop_commands(sub: argparse._SubParsersAction) -> None:
     promote.add_argument("--force", action="store_true", help="override a failed or missing gate")
     promote.add_argument("--reason", default="", help="why (recorded with who did it)")
     promote.set_defaults(func=_models_promote)
+    export = models_sub.add_parser("export", help="write a registered model as a standalone HF model directory")
+    export.add_argument("model_id")
+    export.add_argument("dir", help="output directory (LoRA merged into its reference; tokenizer, chat template)")
+    export.set_defaults(func=_models_export)
     rollback = models_sub.add_parser("rollback", help="serve the previously promoted model again")
     rollback.add_argument("--reason", default="manual rollback")
     rollback.set_defaults(func=_models_rollback)
@@ -149,10 +139,14 @@ def _models_list(args: argparse.Namespace, settings: Settings) -> int:
     from flows import registry
     from flows.loop import store_of
 
+    from flows.lineage import serving_reference
+
     store = store_of(settings)
     current = registry.promoted(store)
     print(registry.list_models(store))
-    print(f"serving: {current.model_id if current else 'the pinned reference (nothing promoted)'}")
+    serving = serving_reference(settings, store)
+    print(f"serving: {current.model_id if current else 'the base model (nothing promoted)'}; production stamps "
+          f"model_version = {serving.model_version!r} (generation {serving.generation}) on its feedback")
     return 0
 
 
@@ -161,9 +155,25 @@ def _models_show(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from flows import registry
+    from flows.lineage import chain
     from flows.loop import store_of
 
-    print(json.dumps(dataclasses.asdict(registry.get(store_of(settings), args.model_id)), indent=2, default=str))
+    store = store_of(settings)
+    print(json.dumps(dataclasses.asdict(registry.get(store, args.model_id)), indent=2, default=str))
+    print("lineage (newest first):")
+    for link in chain(settings, store, args.model_id):
+        print(f"  generation {link.generation}: {link.model_version}  {link.model_id or '(base model)'}"
+              + (f"\n      {link.gate}" if link.gate else ""))
+    return 0
+
+
+def _models_export(args: argparse.Namespace, settings: Settings) -> int:
+    from flows import registry
+    from flows.lineage import export_model
+    from flows.loop import store_of
+
+    out = export_model(settings, registry.get(store_of(settings), args.model_id), args.dir)
+    print(f"exported {args.model_id} to {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
 
@@ -171,19 +181,21 @@ def _models_promote(args: argparse.Namespace, settings: Settings) -> int:
     import getpass
 
     from flows import registry
-    from flows.loop import evaluate_candidate, promote_if_passing, store_of
+    from flows.loop import evaluate_candidate, promote, promote_if_passing, store_of
 
     store = store_of(settings)
     if args.force:  # recorded with who forced it and why; the stored verdict, if any, goes with it
-        registry.promote(store, args.model_id, gate=registry.get(store, args.model_id).evaluation, forced=True,
-                         reason=args.reason)
-        print(f"promoted {args.model_id} (forced)")
+        pin = promote(settings, args.model_id, gate=registry.get(store, args.model_id).evaluation, forced=True,
+                      reason=args.reason, actor=getpass.getuser())
+        print(f"promoted {args.model_id} (forced); it serves as model version {pin.model_version}")
         return 0
     gate = evaluate_candidate(settings, args.model_id)  # against the model serving now, like the retrain flow
     print(gate.summary)
     if not promote_if_passing(settings, args.model_id, gate, actor=getpass.getuser()):
         raise KtoLoopError(f"{args.model_id} did not pass the promotion gate; use --force with --reason to override")
-    print(f"serving {args.model_id}")
+    from flows.lineage import serving_reference
+
+    print(f"serving {args.model_id} as model version {serving_reference(settings, store).model_version}")
     return 0
 
 
@@ -191,8 +203,11 @@ def _models_rollback(args: argparse.Namespace, settings: Settings) -> int:
     from flows import registry
     from flows.loop import store_of
 
-    target = registry.rollback(store_of(settings), reason=args.reason)
-    print(f"serving: {target or 'the pinned reference'}")
+    from flows.lineage import serving_reference
+
+    store = store_of(settings)
+    target = registry.rollback(store, reason=args.reason)
+    print(f"serving: {target or 'the base model'} (model version {serving_reference(settings, store).model_version})")
     return 0
 
 

@@ -69,6 +69,7 @@ def run_demo(settings: Settings, hh_file: Path | None = None, drifted_events: in
     drift = monitor_flow()
 
     from flows import registry
+    from flows.lineage import serving_reference
     from flows.loop import store_of
     from monitoring.config import monitoring_dir
 
@@ -76,6 +77,7 @@ def run_demo(settings: Settings, hh_file: Path | None = None, drifted_events: in
     counts = store.read("SELECT (SELECT count(*) FROM feedback) AS feedback, "
                         "(SELECT count(*) FROM dead_letters) AS dead_letters").row(0, named=True)
     serving = registry.promoted(store)
+    serving_version = serving_reference(settings, store).model_version
     say(f"done in {time.monotonic() - say.started:.0f} s")
     decision = outcome.get("decision", {})
     print(f"""
@@ -83,7 +85,8 @@ def run_demo(settings: Settings, hh_file: Path | None = None, drifted_events: in
    snapshot             {outcome.get('snapshot_id')}  -> decision: {decision.get('method')} ({'; '.join(decision.get('reasons', []))})
    candidate            {outcome.get('model_id')}
    gate                 {outcome['status'].upper()}: {outcome['reason']}
-   serving now          {serving.model_id if serving else 'the pinned reference'}
+   serving now          {serving.model_id if serving else 'the base model'}
+   model version        {serving_version}   (production stamps this on the served model's feedback)
    drift                {'DRIFT' if drift['drifted'] else 'no drift'}: {'; '.join(drift['reasons'][:3])}
    report               {drift['html']}
    DuckDB               {settings.db_path}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows import registry
+from flows import lineage, registry
 from flows.dataset import BuildResult, DatasetConfig, build_dataset
 from flows.gate import Gate, paired_test, verdict
 from ktoloop.config import ConfigError, Settings, load_section
@@ -78,10 +78,9 @@ def drain(settings: Settings) -> dict[str, Any]:
 
 
 def build(settings: Settings, *, model_version: str | None = None, method: str | None = None) -> BuildResult:
-    """Snapshot the pinned reference's feedback and decide the method (PPO sees whether a reward model exists)."""
-    from flows.cli import resolve_model_version
-
-    version = resolve_model_version(settings.home_dir, model_version)
+    """Snapshot the serving model's feedback (or ``model_version``'s) and decide the method (PPO sees whether a
+    reward model exists)."""
+    version = lineage.resolve_model_version(settings, store_of(settings), model_version)
     config = load_section(settings, "dataset", DatasetConfig)
     return build_dataset(store_of(settings), settings.home_dir, config, version, force_method=method,
                          reward_model=_has_reward_model(settings, version))
@@ -140,12 +139,11 @@ TRAINERS = {"kto": _train_offline, "dpo": _train_offline, "ipo": _train_offline,
 
 def train_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate:
     """Train (or reuse) the candidate for this snapshot, method and config; register it."""
-    from training.config import TrainConfig
     from training.reference import reference_for_snapshot
 
     snapshot = load_snapshot(snapshot_id, settings.home_dir)
-    reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir,
-                                       load_section(settings, "training", TrainConfig).reference)
+    # the model that produced the feedback is the reference (and the initialisation): found by its version
+    reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir)
     trainer = TRAINERS[method]
     model_id = f"{method}-{snapshot.manifest.snapshot_id}-{trainer(settings, snapshot, reference, method, None)}"
     store = store_of(settings)
@@ -162,15 +160,6 @@ def train_candidate(settings: Settings, snapshot_id: str, method: str) -> regist
         config=run.config, metrics=run.metrics, evaluation=None, status="candidate"))
 
 
-def _model_dirs(reference_path: str, candidate: registry.Candidate | None) -> tuple[str, str | None]:
-    """(base, adapter) for a candidate: LoRA adapters sit on the reference, full fine-tunes stand alone."""
-    if candidate is None:
-        return reference_path, None
-    if candidate.config.get("full_finetune"):
-        return candidate.adapter_path, None
-    return reference_path, candidate.adapter_path
-
-
 def capability_run(settings: Settings, reference, candidate: registry.Candidate | None) -> str:
     """Run (or reuse) the capability suite on the reference or a candidate; returns the stored run id."""
     from monitoring.config import load_monitor_config
@@ -182,7 +171,7 @@ def capability_run(settings: Settings, reference, candidate: registry.Candidate 
     existing = latest_run_id(store, model_id, loop.suite)
     if existing is not None:
         return existing
-    base, adapter = _model_dirs(reference.path, candidate)
+    base, adapter = lineage.model_dirs(reference.path, candidate)
     run = run_suite(base, adapter, suite=loop.suite, config=load_monitor_config(settings), store=store,
                     model_id=model_id)
     return run.run_id
@@ -196,7 +185,7 @@ def heldout_preference(settings: Settings, snapshot: Snapshot, reference, candid
 
     if candidate is None:
         return dataclasses.asdict(reference_score(snapshot, method_config))
-    base, adapter = _model_dirs(reference.path, candidate)
+    base, adapter = lineage.model_dirs(reference.path, candidate)
     model, tokenizer = load_model(base, adapter)
     score = evaluate_preference(model, tokenizer, snapshot, reference, method_config,
                                 cache_dir=settings.home_dir / "cache")
@@ -249,17 +238,29 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
 
 
 def promote_if_passing(settings: Settings, model_id: str, gate: Gate, *, actor: str = "retrain-flow") -> bool:
-    """Point serving at ``model_id`` if ``gate`` (from ``evaluate_candidate``, so about the model serving now)
-    passed; else record the rejection. A model already serving stays, whatever a re-run says."""
+    """Serve ``model_id`` if ``gate`` (from ``evaluate_candidate``, so about the model serving now) passed; else
+    record the rejection. A model already serving stays, whatever a re-run says."""
     store = store_of(settings)
     current = registry.promoted(store)
     if current is not None and current.model_id == model_id:
         return True  # a re-run of the same retrain: already serving
     if gate.passed:
-        registry.promote(store, model_id, gate=gate.to_dict(), actor=actor, reason="passed the gate")
+        promote(settings, model_id, gate=gate.to_dict(), actor=actor, reason="passed the gate")
         return True
     registry.set_evaluation(store, model_id, gate.to_dict(), "rejected")
     return False
+
+
+def promote(settings: Settings, model_id: str, *, gate: dict[str, Any] | None, forced: bool = False,
+            actor: str | None = None, reason: str = ""):
+    """The one door to serving: export and pin the model as its own version (the next generation's reference),
+    then move the promoted pointer. Returns the pinned export."""
+    store = store_of(settings)
+    candidate = registry.check_promotion(store, model_id, gate=gate, forced=forced, reason=reason)
+    pin = lineage.pin_export(settings, candidate)
+    registry.promote(store, model_id, gate=gate, forced=forced, actor=actor, reason=reason)
+    log.info("%s now serves as model version %s (generation %d)", model_id, pin.model_version, pin.generation)
+    return pin
 
 
 def monitor(settings: Settings):

@@ -103,9 +103,10 @@ def _append(con: Any, model_id: str | None, action: str, forced: bool, actor: st
                  dt.datetime.now(UTC)])
 
 
-def promote(store: Store, model_id: str, *, gate: dict[str, Any] | None, forced: bool = False,
-            actor: str | None = None, reason: str = "") -> None:
-    """Point serving at ``model_id``. A failed gate needs ``forced`` and a reason, both recorded."""
+def check_promotion(store: Store, model_id: str, *, gate: dict[str, Any] | None, forced: bool = False,
+                    reason: str = "") -> Candidate:
+    """Refuse a promotion the gate did not pass (unless forced with a reason) or one judged against a model
+    that no longer serves; returns the candidate."""
     candidate = get(store, model_id)
     passed = bool(gate and gate.get("passed"))
     if not passed and not forced:
@@ -118,6 +119,13 @@ def promote(store: Store, model_id: str, *, gate: dict[str, Any] | None, forced:
     if passed and not forced and gate.get("incumbent_id", incumbent) != incumbent:
         raise KtoLoopError(f"{model_id} passed the gate against {gate['incumbent_id'] or 'the reference'}, but "
                            f"{incumbent or 'the reference'} serves now; evaluate it again (`ktoloop models promote`)")
+    return candidate
+
+
+def promote(store: Store, model_id: str, *, gate: dict[str, Any] | None, forced: bool = False,
+            actor: str | None = None, reason: str = "") -> None:
+    """Point serving at ``model_id`` (see ``check_promotion``); who and why are recorded."""
+    candidate = check_promotion(store, model_id, gate=gate, forced=forced, reason=reason)
     with store.writer() as con:
         con.execute("UPDATE models SET status = 'retired' WHERE status = 'promoted'")
         con.execute("UPDATE models SET status = 'promoted' WHERE model_id = ?", [candidate.model_id])

@@ -7,6 +7,7 @@ any difference, and refuses a snapshot whose responses came from another model v
     pin_reference(model_dir, model_version, home) -> Reference
     load_reference(name, home) -> Reference            # by name (= model_version by default)
     reference_for_snapshot(model_version, home, name="") -> Reference   # re-hashed + version-checked
+    base_references(home) -> list[Reference]          # generation 0: pinned models nobody trained here
     materialize_default(home, model_version=DEFAULT_MODEL_VERSION) -> Reference   # SmolLM2, pinned
 """
 
@@ -33,6 +34,11 @@ class Reference:
     """Absolute path of the model directory (HF format)."""
     files: dict[str, str]
     """file name -> sha256, every regular file in ``path``."""
+    parent: str = ""
+    """The model version this one was trained from; empty for a base model (generation 0)."""
+    generation: int = 0
+    model_id: str = ""
+    """The registry model this is the export of; empty for a base model."""
 
     @property
     def sha256(self) -> str:
@@ -70,8 +76,10 @@ def references_dir(home: str | Path) -> Path:
     return Path(home) / "references"
 
 
-def pin_reference(model_dir: str | Path, model_version: str, home: str | Path, name: str = "") -> Reference:
-    """Hash every file of ``model_dir`` and record the pin; refuses a directory without weights or tokenizer."""
+def pin_reference(model_dir: str | Path, model_version: str, home: str | Path, name: str = "", *, parent: str = "",
+                  generation: int = 0, model_id: str = "") -> Reference:
+    """Hash every file of ``model_dir`` and record the pin (with its lineage, for a promoted model's export);
+    refuses a directory without weights or tokenizer."""
     model_dir = Path(model_dir).expanduser().resolve()
     if not model_version.strip():
         raise KtoLoopError("--model-version is empty: name the model version that served the responses")
@@ -82,7 +90,8 @@ def pin_reference(model_dir: str | Path, model_version: str, home: str | Path, n
         raise KtoLoopError(f"{model_dir} holds no weight file ({', '.join(WEIGHT_SUFFIXES)})")
     if not any(f in TOKENIZER_FILES for f in files):
         raise KtoLoopError(f"{model_dir} holds no tokenizer file ({', '.join(TOKENIZER_FILES)})")
-    ref = Reference(name=name or model_version, model_version=model_version, path=str(model_dir), files=files)
+    ref = Reference(name=name or model_version, model_version=model_version, path=str(model_dir), files=files,
+                    parent=parent, generation=generation, model_id=model_id)
     pin_dir = references_dir(home) / ref.name
     pin_dir.mkdir(parents=True, exist_ok=True)
     tmp = pin_dir / (PIN_FILE + ".tmp")
@@ -103,6 +112,10 @@ def load_reference(name: str, home: str | Path) -> Reference:
 
 def list_references(home: str | Path) -> list[Reference]:
     return [load_reference(n, home) for n in list_names(home)]
+
+
+def base_references(home: str | Path) -> list[Reference]:
+    return [r for r in list_references(home) if not r.parent]
 
 
 def list_names(home: str | Path) -> list[str]:
