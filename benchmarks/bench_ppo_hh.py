@@ -146,7 +146,7 @@ def report(reward, candidate: registry.Candidate, gate: loop.Gate, timings: dict
     print("|---|---|---:|---:|---:|---:|")
     for c in gate.capability["checks"]:
         print(f"| {c['benchmark']} (n={c['n']}) | {c['metric']} | {c['reference']:.4f} | {c['candidate']:.4f} | "
-              f"{c['candidate'] - c['reference']:+.4f} | {c['allowed_drop']:.4f} |")
+              f"{c['candidate'] - c['reference']:+.4f} | {c['upper_bound']:.4f} < {c['tolerance']:.4f} |")
     print(f"\ngate: {'PASSED' if gate.passed else 'FAILED'}: {gate.summary}")
     print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
 

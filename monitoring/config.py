@@ -29,12 +29,13 @@ class MonitorConfig:
     ])
     seed: int = 1234
     """Seed of the quick-suite sample: the same seed gives the same items, so runs are comparable."""
-    tolerance: float = 0.01
-    """Allowed drop of a benchmark's primary metric, in its own units (0.01 = 1 point of accuracy)."""
-    tolerances: dict[str, float] = field(default_factory=dict)
-    """Per-benchmark overrides of ``tolerance``."""
-    z: float = 1.645
-    """On samples a drop must also exceed z paired standard errors (one-sided 95 %) to count as a regression."""
+    tolerance: float = 0.05
+    """Largest drop of a benchmark's primary metric the gate accepts, in its own units (0.05 = 5 points of
+    accuracy): the upper confidence bound of the paired drop must stay below it (non-inferiority)."""
+    tolerances: dict[str, float] = field(default_factory=lambda: {"wikitext2": 0.02})
+    """Per-benchmark overrides of ``tolerance`` (WikiText-2: bits per byte)."""
+    confidence: float = 0.95
+    """Confidence of the one-sided upper bound of each benchmark's paired drop."""
     alpha: float = 0.01
     """Significance level of the drift tests."""
     min_rate_change: float = 0.02
@@ -58,10 +59,12 @@ class MonitorConfig:
             if size < 1:
                 raise ConfigError(f"monitoring.quick_sizes.{name} must be >= 1, got {size}")
         for name, value in {"tolerance": self.tolerance, **{f"tolerances.{k}": v for k, v in self.tolerances.items()},
-                            "z": self.z, "min_rate_change": self.min_rate_change,
+                            "min_rate_change": self.min_rate_change,
                             "min_ks_distance": self.min_ks_distance}.items():
             if value < 0:
                 raise ConfigError(f"monitoring.{name} must be >= 0, got {value}")
+        if not 0.5 <= self.confidence < 1:
+            raise ConfigError(f"monitoring.confidence must be in [0.5, 1), got {self.confidence}")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"monitoring.alpha must be in (0, 1), got {self.alpha}")
         if not 0 <= self.max_unseen_prompt_share <= 1:

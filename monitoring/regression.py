@@ -1,8 +1,10 @@
 """Capability regression check: a candidate against a reference on the same items, per benchmark.
 
-A benchmark fails when the candidate's primary metric drops by more than its tolerance. On a sample, the
-drop must also exceed ``z`` paired standard errors of the per-item difference: both models answered the
-same items, so the pairing removes item difficulty from the noise and small samples stay usable as gates.
+Non-inferiority, so the burden of proof is on the candidate: a benchmark passes only when the one-sided
+upper confidence bound (paired t, ``monitoring.confidence``) of the candidate's drop in its primary metric is
+below the benchmark's tolerance. Both models answered the same items, so the pairing removes item difficulty
+from the noise; the t quantile keeps small samples (3 WikiText articles) honest. An unmeasurable drop (fewer
+than two items) fails. ``benchmarks/bench_capability_power.py`` measures the test's power at the suite's sizes.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from scipy import stats
 
 from ktoloop.errors import KtoLoopError
 from ktoloop.store import Store
@@ -32,17 +36,18 @@ class BenchmarkCheck:
     """How much worse the candidate is, in the metric's units (negative = better)."""
     stderr: float | None
     """Paired standard error of the per-item difference (None when fewer than two items)."""
-    allowed_drop: float
-    """tolerance, plus z * stderr on samples."""
+    upper_bound: float
+    """One-sided upper confidence bound of the drop (infinite when it cannot be measured)."""
+    tolerance: float
     sampled: bool
     passed: bool
 
     def describe(self) -> str:
-        se = "n/a" if self.stderr is None else f"{self.stderr:.4f}"
+        se = "n/a" if self.stderr is None else f"{self.stderr:.3f}"
         verdict = "ok" if self.passed else "REGRESSION"
-        return (f"{self.benchmark}.{self.metric}: reference {self.reference:.4f}, candidate {self.candidate:.4f}, "
-                f"drop {self.drop:+.4f} (allowed {self.allowed_drop:.4f}, paired se {se}, n={self.n}"
-                f"{', sample' if self.sampled else ''}) -> {verdict}")
+        return (f"{self.benchmark}.{self.metric} {self.reference:.3f} -> {self.candidate:.3f}: drop {self.drop:+.3f} "
+                f"± {se}, upper bound {self.upper_bound:+.3f} {'<' if self.passed else '>='} tolerance "
+                f"{self.tolerance:.3f} (n={self.n}{', sample' if self.sampled else ''}) -> {verdict}")
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,8 @@ class RegressionResult:
 
 
 def paired_check(benchmark: str, metric: str, reference: ItemScores, candidate: ItemScores, *, tolerance: float,
-                 sampled: bool, z: float, higher_is_better: bool = True) -> BenchmarkCheck:
-    """Compare two runs on the items both scored."""
+                 sampled: bool, confidence: float = 0.95, higher_is_better: bool = True) -> BenchmarkCheck:
+    """Compare two runs on the items both scored (see the module docstring)."""
     common = sorted(set(reference) & set(candidate))
     if not common:
         raise KtoLoopError(f"{benchmark}: the candidate and reference runs share no items; "
@@ -72,13 +77,13 @@ def paired_check(benchmark: str, metric: str, reference: ItemScores, candidate: 
     drops = [sign * (reference[i] - candidate[i]) for i in common]
     n = len(common)
     drop = sum(drops) / n
-    stderr = None
+    stderr, upper = None, math.inf
     if n > 1:
         stderr = math.sqrt(sum((d - drop) ** 2 for d in drops) / (n - 1) / n)
-    allowed = tolerance + (z * stderr if sampled and stderr is not None else 0.0)
+        upper = drop + float(stats.t.ppf(confidence, n - 1)) * stderr
     return BenchmarkCheck(benchmark, metric, n, sum(reference[i] for i in common) / n,
-                          sum(candidate[i] for i in common) / n, drop, stderr, allowed, sampled,
-                          passed=drop <= allowed)
+                          sum(candidate[i] for i in common) / n, drop, stderr, upper, tolerance, sampled,
+                          passed=upper < tolerance)
 
 
 def compare(reference: Mapping[str, Mapping[str, ItemScores]], candidate: Mapping[str, Mapping[str, ItemScores]],
@@ -96,7 +101,8 @@ def compare(reference: Mapping[str, Mapping[str, ItemScores]], candidate: Mappin
             continue
         try:
             checks.append(paired_check(name, task.primary, metrics[task.primary], candidate[name][task.primary],
-                                       tolerance=config.tolerance_for(name), sampled=sampled, z=config.z,
+                                       tolerance=config.tolerance_for(name), sampled=sampled,
+                                       confidence=config.confidence,
                                        higher_is_better=task.higher_is_better))
         except KtoLoopError as exc:
             problems.append(str(exc))
