@@ -28,7 +28,7 @@ def harness(tmp_path_factory):
             yield
 
 
-def feedback(version: str, prefix: str, n_topics: int = 300, start: int = 1_700_000_000) -> list[dict]:
+def feedback(version: str, prefix: str, n_topics: int = 200, start: int = 1_700_000_000) -> list[dict]:
     """A friendly answer liked and a rude one not, per prompt: learnable and paired."""
     events = []
     for i in range(n_topics):
@@ -49,6 +49,7 @@ def test_two_generations_then_a_rollback(harness, broker, tiny_model_dir, tmp_pa
     from flows.prefect_flows import retrain_flow
     from ingest.publish import publish
     from ingest.schema import encode_event
+    from ktoloop.cli import main
     from ktoloop.config import load_settings
     from ktoloop.snapshot import load_snapshot
     from training.reference import pin_reference
@@ -100,13 +101,17 @@ batch_tokens = 2048
     assert tokenizer.chat_template
     out = model.generate(**tokenizer("Tell me about tea.", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > 0
+    # `ktoloop models export` writes the same model as the pinned export
+    assert main(["--config", str(config), "models", "export", g1.model_id, str(tmp_path / "exported")]) == 0
+    exported = pin_reference(tmp_path / "exported", "check", tmp_path / "scratch")
+    assert exported.files["model.safetensors"] == pin.files["model.safetensors"]
 
     # generation 2: the served model's feedback, plus late feedback of the base model that must stay out
     publish(settings.kafka, [encode_event(e) for e in feedback(pin.model_version, "g1") + feedback(BASE, "late", 50)])
     second = retrain_flow(reason="generation 2")
     snapshot = load_snapshot(second["snapshot_id"], settings.home_dir)
     assert snapshot.manifest.model_version == pin.model_version
-    assert snapshot.manifest.counts["excluded_other_versions"] == 600 + 100  # generation 0's and the late ones
+    assert snapshot.manifest.counts["excluded_other_versions"] == 400 + 100  # generation 0's and the late ones
     prompts = set(snapshot.kto("train")["prompt"]) | set(snapshot.kto("eval")["prompt"])
     assert prompts and all(p.startswith("Tell me about g1 ") for p in prompts)
     g2 = registry.get(store, second["model_id"])

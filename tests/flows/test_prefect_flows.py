@@ -88,61 +88,65 @@ def loop_home(tmp_path, tiny_model_dir, monkeypatch):
     return tmp_path
 
 
-def test_retrain_promotes_a_good_candidate_and_rejects_a_planted_regression(harness, loop_home, monkeypatch):
+def test_retrain_rejects_a_planted_regression_then_promotes_a_good_candidate(harness, loop_home, monkeypatch):
     from flows import registry
     from flows.prefect_flows import retrain_flow
 
     land_events(loop_home / "home" / "ktoloop.duckdb", feedback(400))
-    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=2e-3)))
-    good = retrain_flow(reason="test")
-    assert good["status"] == "promoted", good["reason"]
-    assert good["gate"]["capability"]["passed"] and good["gate"]["preference"]["passed"]
     store = Store(loop_home / "home" / "ktoloop.duckdb")
-    assert registry.promoted(store).model_id == good["model_id"]
-
-    # planted regression: the same data, full fine-tuning at an absurd learning rate wrecks the language model
+    # planted regression: full fine-tuning at an absurd learning rate wrecks the language model
     monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=1.0, full_finetune=True)))
     bad = retrain_flow(reason="test")
     assert bad["status"] == "rejected"
     assert not bad["gate"]["capability"]["passed"], bad["reason"]
     assert "REGRESSION" in bad["reason"]
     assert registry.get(store, bad["model_id"]).status == "rejected"
-    assert registry.promoted(store).model_id == good["model_id"]  # the good one keeps serving
+    assert registry.promoted(store) is None  # the base model keeps serving
 
-    # a re-run with the same snapshot and config reuses the candidate and its evaluation
-    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=2e-3)))
+    # a re-run with the same snapshot and config reuses the candidate and its verdict
     started = time.monotonic()
     again = retrain_flow(reason="test")
-    assert again["model_id"] == good["model_id"] and again["status"] == "promoted"
+    assert again["model_id"] == bad["model_id"] and again["status"] == "rejected"
     assert time.monotonic() - started < 30
 
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=2e-3)))
+    good = retrain_flow(reason="test")
+    assert good["status"] == "promoted", good["reason"]
+    assert good["gate"]["capability"]["passed"] and good["gate"]["preference"]["passed"]
+    assert registry.promoted(store).model_id == good["model_id"]
+    # the loop follows the model it just promoted: its feedback (none yet) is the next dataset
+    follow = retrain_flow(reason="test")
+    assert follow["status"] == "skipped" and "0 usable training examples" in follow["reason"]
 
-def test_a_rerun_never_replaces_the_serving_model_on_a_verdict_about_another(harness, loop_home, monkeypatch):
-    """X passes against the reference; Y is then put in service; re-running X's retrain must judge X against Y
-    (its stored verdict was about the reference) and leave Y serving."""
-    from flows import registry
+
+def test_promote_never_replaces_the_serving_model_on_a_verdict_about_another(harness, loop_home, monkeypatch):
+    """X passes against the base model; Y is then put in service; promoting X again must judge X against Y
+    (its stored verdict was about the base model) and leave Y serving unless X is significantly better."""
+    from flows import loop, registry
     from flows.prefect_flows import retrain_flow
     from ktoloop.cli import main
+    from ktoloop.config import load_settings
 
     land_events(loop_home / "home" / "ktoloop.duckdb", feedback(400))
     store = Store(loop_home / "home" / "ktoloop.duckdb")
     monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=2e-3)))
     x = retrain_flow(reason="test")
     assert x["status"] == "promoted" and x["gate"]["incumbent_id"] is None
-    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=3e-3)))
-    y = retrain_flow(reason="test")
-    assert y["gate"]["incumbent_id"] == x["model_id"]  # judged against the model serving then, not the reference
-    if y["status"] != "promoted":
-        assert main(["models", "promote", y["model_id"], "--force", "--reason", "test: serve y"]) == 0
-    assert registry.promoted(store).model_id == y["model_id"]
 
-    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=2e-3)))
-    again = retrain_flow(reason="test")
-    assert again["model_id"] == x["model_id"]
-    assert again["gate"]["incumbent_id"] == y["model_id"]
-    if not again["gate"]["preference"]["passed"]:
-        assert again["status"] == "rejected" and registry.promoted(store).model_id == y["model_id"]
-    # the promote door re-judges the same way: a verdict about another incumbent never promotes
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=3e-3)))
+    settings = load_settings()
+    y = loop.train_candidate(settings, x["snapshot_id"], "kto")  # same feedback, another config
+    assert loop.evaluate_candidate(settings, y.model_id).incumbent_id == x["model_id"]  # judged against X
+    assert main(["models", "promote", y.model_id, "--force", "--reason", "test: serve y"]) == 0
+    assert registry.promoted(store).model_id == y.model_id
+
+    promoted_again = main(["models", "promote", x["model_id"]])
+    gate = registry.get(store, x["model_id"]).evaluation
+    assert gate["incumbent_id"] == y.model_id  # re-judged against the model serving now
+    assert (promoted_again == 0) == gate["passed"]
+    if not gate["passed"]:
+        assert registry.promoted(store).model_id == y.model_id
+    # and a verdict about another incumbent never promotes, through any door
     with pytest.raises(Exception, match="serves now"):
         registry.promote(store, x["model_id"], gate={**x["gate"], "passed": True, "incumbent_id": None})
 
