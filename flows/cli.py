@@ -21,7 +21,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--holdout", type=float, help="share of prompts held out (default from [dataset])")
     build.set_defaults(func=_build)
     show = dataset_sub.add_parser("show", help="counts, balance, noise and the decision of a snapshot")
-    show.add_argument("snapshot_id")
+    show.add_argument("snapshot_id", help="id from `ktoloop dataset list`, or a snapshot directory")
     show.set_defaults(func=_show)
     dataset_sub.add_parser("list", help="snapshots recorded in DuckDB").set_defaults(func=_list)
     add_loop_commands(sub)
@@ -70,9 +70,12 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
     from flows.dataset import list_datasets
-    from ktoloop.store import Store
+    from ktoloop.cli import existing_store
+    from ktoloop.tables import print_frame
 
-    print(list_datasets(Store(settings.db_path, settings.store.lock_timeout_s)))
+    store = existing_store(settings)
+    if store is not None:
+        print_frame(list_datasets(store), empty="no snapshots yet; build one with `ktoloop dataset build`")
     return 0
 
 
@@ -106,10 +109,10 @@ def add_loop_commands(sub: argparse._SubParsersAction) -> None:
     models_sub = models.add_subparsers(dest="action", required=True)
     models_sub.add_parser("list", help="candidates, newest first, and what serves now").set_defaults(func=_models_list)
     show = models_sub.add_parser("show", help="lineage, metrics and gate numbers of one model")
-    show.add_argument("model_id")
+    show.add_argument("model_id", help="id from `ktoloop models list`")
     show.set_defaults(func=_models_show)
     promote = models_sub.add_parser("promote", help="promote a model (a failed gate needs --force and --reason)")
-    promote.add_argument("model_id")
+    promote.add_argument("model_id", help="id from `ktoloop models list`")
     promote.add_argument("--force", action="store_true", help="override a failed or missing gate")
     promote.add_argument("--reason", default="", help="why (recorded with who did it)")
     promote.set_defaults(func=_models_promote)
@@ -118,7 +121,7 @@ def add_loop_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("dir", help="output directory (LoRA merged into its reference; tokenizer, chat template)")
     export.set_defaults(func=_models_export)
     rollback = models_sub.add_parser("rollback", help="serve the previously promoted model again")
-    rollback.add_argument("--reason", default="manual rollback")
+    rollback.add_argument("--reason", default="manual rollback", help="why (recorded with the rollback)")
     rollback.set_defaults(func=_models_rollback)
 
     retrain = sub.add_parser("retrain", help="drain -> build -> decide -> train -> evaluate -> promote")
@@ -137,16 +140,21 @@ def add_loop_commands(sub: argparse._SubParsersAction) -> None:
 
 def _models_list(args: argparse.Namespace, settings: Settings) -> int:
     from flows import registry
-    from flows.loop import store_of
+    from ktoloop.cli import existing_store
+    from ktoloop.tables import print_frame
 
     from flows.lineage import serving_reference
+    from training.reference import list_names
 
-    store = store_of(settings)
-    current = registry.promoted(store)
-    print(registry.list_models(store))
-    serving = serving_reference(settings, store)
-    print(f"serving: {current.model_id if current else 'the base model (nothing promoted)'}; production stamps "
-          f"model_version = {serving.model_version!r} (generation {serving.generation}) on its feedback")
+    store = existing_store(settings)
+    current = registry.promoted(store) if store is not None else None
+    if store is not None:
+        print_frame(registry.list_models(store), empty="no models yet; train one with `ktoloop retrain --now`")
+    print(f"serving: {current.model_id if current else 'the base model (nothing promoted)'}")
+    if store is not None and list_names(settings.home_dir):
+        serving = serving_reference(settings, store)
+        print(f"production stamps model_version = {serving.model_version!r} (generation {serving.generation}) "
+              f"on the served model's feedback")
     return 0
 
 

@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,40 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from duckdb.sqltypes import VARCHAR
 
-from flows.eligibility import DataStats, Decision, GateConfig, decide
-from ktoloop.config import ConfigError
+from flows.config import DatasetConfig  # the [dataset] section lives there: loading it needs no DuckDB
+from flows.eligibility import DataStats, Decision, decide
 from ktoloop.snapshot import KTO_FILE, MANIFEST, PAIRS_FILE, Manifest, Snapshot, load_snapshot, snapshots_dir
 from ktoloop.store import Store
 
 log = logging.getLogger(__name__)
 
 KTO_LOWER, KTO_UPPER = 1.0, 4.0 / 3.0  # KTO paper: lambda_D * n_D / (lambda_U * n_U) in [1, 4/3]
-
-
-@dataclass(frozen=True)
-class DatasetConfig:
-    """How snapshots are built (TOML section ``[dataset]``; gates under ``[dataset.gates]``)."""
-
-    holdout_fraction: float = 0.1
-    """Share of prompts (not rows) held out for evaluation."""
-    max_pairs_per_prompt: int = 4
-    """So one popular prompt cannot dominate the pairwise set."""
-    min_prompt_chars: int = 1
-    min_response_chars: int = 1
-    sources: list[str] = field(default_factory=list)
-    """Only events from these sources (empty: all)."""
-    max_class_weight: float = 10.0
-    """Cap on the larger of the KTO class weights."""
-    split_salt: str = "ktoloop"
-    gates: GateConfig = field(default_factory=GateConfig)
-
-    def __post_init__(self) -> None:
-        if not 0 < self.holdout_fraction < 1:
-            raise ConfigError(f"dataset.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
-        if self.max_pairs_per_prompt < 1:
-            raise ConfigError("dataset.max_pairs_per_prompt must be >= 1")
-        if self.max_class_weight < 4.0 / 3.0:
-            raise ConfigError("dataset.max_class_weight must be >= 4/3 for the KTO weight rule to be satisfiable")
 
 
 @dataclass(frozen=True)

@@ -14,41 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from flows import lineage, registry
+from flows.config import LoopConfig  # the [flows] section lives there: loading it needs no Prefect
 from flows.dataset import BuildResult, DatasetConfig, build_dataset
 from flows.gate import Gate, paired_test, verdict
-from ktoloop.config import ConfigError, Settings, load_section
+from ktoloop.config import Settings, load_section
 from ktoloop.errors import KtoLoopError
 from ktoloop.snapshot import Snapshot, load_snapshot
 from ktoloop.store import Store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """The ``[flows]`` section: what a retrain does and when the served deployments run."""
-
-    suite: str = "quick"
-    """Capability suite run on the candidate and the reference before promotion."""
-    min_preference_gain: float = 0.0
-    """The lower confidence bound of the held-out per-example gain over the serving model must exceed this."""
-    confidence: float = 0.95
-    """Confidence of that one-sided bound (``flows.gate.paired_test``)."""
-    drain_before_retrain: bool = True
-    drain_interval_s: int = 300
-    monitor_interval_s: int = 3600
-    retrain_cron: str = "0 2 * * *"
-    """Nightly retrain (cron, server time zone)."""
-    monitor_emit_event: bool = True
-    """Emit ``kto.drift.detected`` when the monitor finds drift (starts a retrain through the trigger)."""
-
-    def __post_init__(self) -> None:
-        if self.suite not in ("quick", "full"):
-            raise ConfigError(f"flows.suite must be quick or full, got {self.suite!r}")
-        if not 0.5 <= self.confidence < 1:
-            raise ConfigError(f"flows.confidence must be in [0.5, 1), got {self.confidence}")
-        if min(self.drain_interval_s, self.monitor_interval_s) < 1:
-            raise ConfigError("flows.*_interval_s must be >= 1")
 
 
 @dataclass(frozen=True)

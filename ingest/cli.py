@@ -22,7 +22,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                           ).set_defaults(func=_run)
     ingest_sub.add_parser("drain", help="consume until the group's lag is 0, then exit").set_defaults(func=_drain)
     publish = ingest_sub.add_parser("publish", help="publish a JSONL(.gz) or Parquet file of events to the topic")
-    publish.add_argument("file")
+    publish.add_argument("file", help="events, one JSON object per line (.jsonl, .jsonl.gz) or Parquet rows")
     publish.set_defaults(func=_publish)
     convert = ingest_sub.add_parser("convert-hh", help="convert HH-RLHF pairs into feedback events (JSONL)")
     convert.add_argument("file", help="e.g. ktoloop/data/feedback/hh_rlhf_harmless_base_test.jsonl.gz "
@@ -31,7 +31,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                          help="the model version the feedback is attributed to")
     convert.add_argument("--out", help="output JSONL (default: stdout)")
     convert.set_defaults(func=_convert)
-    stats = ingest_sub.add_parser("stats", help="counts in the DuckDB store")
+    stats = ingest_sub.add_parser("stats", help="counts in the DuckDB store and the commonest dead-letter reasons")
+    stats.add_argument("--reasons", action="store_true",
+                       help="every distinct dead-letter reason, in full (default: the top 10, shortened)")
     stats.set_defaults(func=_stats)
 
 
@@ -93,12 +95,20 @@ def _convert(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _stats(args: argparse.Namespace, settings: Settings) -> int:
-    from ktoloop.store import Store
+    from ktoloop.cli import existing_store
+    from ktoloop.tables import print_frame
 
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
-    print(store.read(
+    store = existing_store(settings)
+    if store is None:
+        return 0
+    print_frame(store.read(
         "SELECT (SELECT count(*) FROM feedback) AS feedback, (SELECT count(*) FROM dead_letters) AS dead_letters, "
         "(SELECT count(DISTINCT model_version) FROM feedback) AS model_versions, "
         "(SELECT max(ingested_at) FROM feedback) AS last_ingested_at"))
-    print(store.read("SELECT error, count(*) AS n FROM dead_letters GROUP BY 1 ORDER BY 2 DESC LIMIT 10"))
+    reasons = store.read("SELECT count(*) AS n, error AS reason FROM dead_letters GROUP BY error ORDER BY 1 DESC, 2"
+                         + ("" if args.reasons else " LIMIT 10"))
+    print()
+    print_frame(reasons, max_width=None if args.reasons else {"reason": 100}, empty="no dead letters")
+    if not args.reasons and (reasons.height == 10 or any(len(r) > 100 for r in reasons["reason"])):
+        print("(shortened: `ktoloop ingest stats --reasons` lists every reason in full)")
     return 0

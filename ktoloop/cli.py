@@ -13,10 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from ktoloop.config import load_settings
+from ktoloop.config import Settings, load_settings
 from ktoloop.errors import KtoLoopError
 
-# group name -> module with ``add_commands(subparsers)``; order is the order shown in --help.
+# group name -> module with ``add_commands(subparsers)``, in pipeline order: the order shown in --help.
 COMMAND_MODULES: dict[str, str] = {
     "broker": "ingest.cli",
     "ingest": "ingest.cli",
@@ -24,22 +24,26 @@ COMMAND_MODULES: dict[str, str] = {
     "reference": "training.cli",
     "train": "training.cli",
     "reward": "training.cli",
-    "monitor": "monitoring.cli",
+    "ppo": "training.cli",
     "evaluate": "monitoring.cli",
     "models": "flows.cli",
+    "monitor": "monitoring.cli",
     "retrain": "flows.cli",
     "serve": "flows.cli",
-    "ppo": "training.cli",
     "demo": "flows.cli",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ktoloop", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="TOML config file (default: $KTOLOOP_CONFIG or ./ktoloop.toml)")
+    parser = argparse.ArgumentParser(
+        prog="ktoloop", description="Feedback from Kafka -> DuckDB -> snapshot -> KTO/DPO/IPO/PPO -> gated promotion. "
+        "Commands are listed in pipeline order.",
+        epilog="Every command checks the whole config file before it starts. `ktoloop COMMAND --help` lists its "
+        "options.")
+    parser.add_argument("--config", help="TOML config file; relative paths in it are relative to it "
+                        "(default: $KTOLOOP_CONFIG or ./ktoloop.toml)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    seen: set[str] = set()
     for module_name in dict.fromkeys(COMMAND_MODULES.values()):
         try:
             module = importlib.import_module(module_name)
@@ -48,8 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a stage not built yet
             raise
         module.add_commands(sub)
-        seen.add(module_name)
+    # each module adds its groups together; list them in the table's (pipeline) order instead
+    rank = {name: i for i, name in enumerate(COMMAND_MODULES)}
+    sub._choices_actions.sort(key=lambda action: rank.get(action.dest, len(rank)))
     return parser
+
+
+def existing_store(settings: Settings):
+    """The store, or None (and a note naming the file) when there is none yet: a list command never creates one,
+    so a command run against the wrong home says so instead of showing an empty store."""
+    from ktoloop.store import Store
+
+    if not settings.db_path.exists():
+        print(f"ktoloop: no DuckDB file at {settings.db_path} yet (home {settings.home_dir}); nothing has been "
+              "ingested there. Wrong folder? Pass --config or set $KTOLOOP_HOME", file=sys.stderr)
+        return None
+    return Store(settings.db_path, settings.store.lock_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         return int(args.func(args, settings) or 0)
     except KtoLoopError as exc:
+        print(f"ktoloop: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path that cannot be read or written: the message names it
+        if args.verbose:
+            raise
         print(f"ktoloop: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

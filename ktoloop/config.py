@@ -2,13 +2,16 @@
 
 Settings come from defaults, then an optional TOML file (``--config``, ``$KTOLOOP_CONFIG`` or
 ``./ktoloop.toml``), then ``$KTOLOOP_HOME`` / ``$KTOLOOP_BOOTSTRAP`` for the two values tests and demos
-most often move. Each stage may keep its own section dataclass (``training``, ``monitoring``) and load it
-with :func:`load_section`, so this module does not grow with every stage.
+most often move. Paths in the file are relative to the file, so a command run from elsewhere finds the same
+store. Each stage keeps its own section dataclass, named in :data:`SECTIONS` and validated with the rest of
+the file by :func:`load_settings`, so a typo in ``[ppo]`` fails every command at once, not after a drain
+and a build.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import tomllib
 import typing
@@ -18,12 +21,23 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-# Sections owned by stage packages, loaded with load_section() by the stage that needs them.
-STAGE_SECTIONS = {"dataset", "training", "reward", "ppo", "monitoring", "flows"}
-
-
 from ktoloop.data import packaged_dir
 from ktoloop.errors import KtoLoopError
+
+# Sections owned by stage packages: name -> "module:Class". The one list of them: the file may hold exactly
+# these (besides the core ones below), and load_settings validates each. The modules must not import torch,
+# DuckDB or Prefect (tests/test_config.py checks), so validating the whole file stays cheap for every command.
+SECTIONS: dict[str, str] = {
+    "dataset": "flows.config:DatasetConfig",
+    "training": "training.config:TrainConfig",
+    "reward": "training.config:RewardConfig",
+    "ppo": "training.config:PPOConfig",
+    "monitoring": "monitoring.config:MonitorConfig",
+    "flows": "flows.config:LoopConfig",
+}
+
+PATH = {"path": True}
+"""``field(metadata=PATH)``: a path that :func:`load_settings` resolves against the config file's folder."""
 
 
 class ConfigError(KtoLoopError, ValueError):
@@ -35,6 +49,7 @@ class KafkaConfig:
     """Where feedback events come from. Production points this at its own cluster."""
 
     bootstrap_servers: str = "127.0.0.1:19092"
+    """Unset in the file, it is the embedded broker's ``[broker] host:port``; ``$KTOLOOP_BOOTSTRAP`` overrides."""
     topic: str = "feedback"
     group_id: str = "ktoloop-ingest"
     partitions: int = 3
@@ -94,7 +109,7 @@ class IngestConfig:
 class StoreConfig:
     """The DuckDB file. Only one process may hold it read-write, so every open retries with back-off."""
 
-    path: str = ""
+    path: str = field(default="", metadata=PATH)
     """Empty means ``<home>/ktoloop.duckdb``."""
     lock_timeout_s: float = 60.0
     """Give up (with an error naming the file) after waiting this long for the file lock."""
@@ -106,9 +121,9 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class Settings:
-    home: str = ".ktoloop"
+    home: str = field(default=".ktoloop", metadata=PATH)
     """State directory: DuckDB file, broker pid/log, snapshots, models, reports."""
-    data_dir: str = ""
+    data_dir: str = field(default="", metadata=PATH)
     """Folder with the input data (``benchmarks/``, ``feedback/``); empty means the copy packaged in ktoloop/data."""
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
@@ -116,6 +131,8 @@ class Settings:
     store: StoreConfig = field(default_factory=StoreConfig)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     """The parsed TOML, so stage packages can load their own sections."""
+    sections: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """The stage sections, validated when the file was loaded (:func:`load_section` returns them)."""
 
     @property
     def home_dir(self) -> Path:
@@ -138,23 +155,34 @@ class Settings:
         return Path(self.store.path).expanduser().resolve() if self.store.path else self.home_dir / "ktoloop.duckdb"
 
 
-def build(cls: type[T], data: dict[str, Any], where: str) -> T:
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys and wrong types by name."""
+_INTERNAL = {"raw", "sections"}  # Settings fields that are not TOML keys
+
+
+def build(cls: type[T], data: dict[str, Any], where: str, base: Path | None = None) -> T:
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys and wrong types by name.
+
+    With ``base``, path fields (``metadata=PATH``) that are relative, their defaults included, are resolved
+    against it."""
     if not isinstance(data, dict):
         raise ConfigError(f"[{where}] must be a table, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.name != "raw"}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - fields)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _INTERNAL}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; known keys: {sorted(fields)}")
+        raise ConfigError(f"unknown key(s) {unknown} in [{where or 'top level'}]; known keys: {sorted(fields)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        hint = hints[name]
+        hint, key = hints[name], f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(hint):
-            value = build(hint, value, f"{where}.{name}" if where else name)
+            value = build(hint, value, key, base)
         else:
-            _check_type(value, hint, f"{where}.{name}" if where else name)
+            _check_type(value, hint, key)
         kwargs[name] = value
+    if base is not None:
+        for name, f in fields.items():
+            value = kwargs.get(name, f.default)
+            if f.metadata.get("path") and isinstance(value, str) and value:
+                kwargs[name] = str((base / Path(value).expanduser()).resolve())
     try:
         return cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
@@ -168,7 +196,8 @@ def _check_type(value: Any, hint: Any, key: str) -> None:
             return
     elif _matches(value, hint):
         return
-    raise ConfigError(f"{key} has the wrong type: expected {hint}, got {type(value).__name__} ({value!r})")
+    expected = hint.__name__ if isinstance(hint, type) else str(hint)
+    raise ConfigError(f"{key} has the wrong type: expected {expected}, got {type(value).__name__} ({value!r})")
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -184,33 +213,64 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, origin)
 
 
+def section_class(name: str) -> type:
+    """The dataclass of stage section ``name``, imported from the module :data:`SECTIONS` names."""
+    try:
+        module, _, attr = SECTIONS[name].partition(":")
+    except KeyError:
+        raise ConfigError(f"no section [{name}]; sections: {sorted(SECTIONS)}") from None
+    return getattr(importlib.import_module(module), attr)
+
+
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Defaults < TOML file < environment (``KTOLOOP_HOME``, ``KTOLOOP_BOOTSTRAP``)."""
+    """Defaults < TOML file < environment (``KTOLOOP_HOME``, ``KTOLOOP_BOOTSTRAP``), every section validated.
+
+    Relative paths in the file (``home``, ``data_dir``, ``store.path``...) and the default ``home`` are resolved
+    against the file's folder; without a file, and for ``$KTOLOOP_HOME``, against the working directory."""
     candidate = path or os.environ.get("KTOLOOP_CONFIG") or ("ktoloop.toml" if Path("ktoloop.toml").exists() else None)
     raw: dict[str, Any] = {}
+    base = Path.cwd()
     if candidate:
         file = Path(candidate)
         if not file.is_file():
-            raise ConfigError(f"config file not found: {file}")
+            raise ConfigError(f"config file not found: {file} (from {_origin(path)})")
         try:
             raw = tomllib.loads(file.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
-    core_keys = {f.name for f in dataclasses.fields(Settings)} - {"raw"}
-    unknown = sorted(set(raw) - core_keys - STAGE_SECTIONS)
+        base = file.resolve().parent
+    core_keys = {f.name for f in dataclasses.fields(Settings)} - _INTERNAL
+    unknown = sorted(set(raw) - core_keys - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown} in {candidate}; known: "
-                          f"{sorted(core_keys | STAGE_SECTIONS)}")
+                          f"{sorted(core_keys | set(SECTIONS))}")
     core = {k: v for k, v in raw.items() if k in core_keys}
     if home := os.environ.get("KTOLOOP_HOME"):
-        core["home"] = home
+        core["home"] = str(Path(home).expanduser().resolve())
+    kafka_set = isinstance(core.get("kafka"), dict) and "bootstrap_servers" in core["kafka"]
     if bootstrap := os.environ.get("KTOLOOP_BOOTSTRAP"):
-        core.setdefault("kafka", {})
-        core["kafka"] = {**core["kafka"], "bootstrap_servers": bootstrap}
-    settings = build(Settings, core, "")
-    return dataclasses.replace(settings, raw=raw)
+        core["kafka"] = {**core.get("kafka", {}), "bootstrap_servers": bootstrap}
+        kafka_set = True
+    where = f"{candidate}: " if candidate else ""
+    try:
+        settings = build(Settings, core, "", base)
+        if not kafka_set:  # one source for the local address: clients reach the broker `ktoloop broker start` runs
+            kafka = dataclasses.replace(settings.kafka,
+                                        bootstrap_servers=f"{settings.broker.host}:{settings.broker.port}")
+            settings = dataclasses.replace(settings, kafka=kafka)
+        sections = {name: build(section_class(name), raw.get(name, {}), name, base) for name in SECTIONS}
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    return dataclasses.replace(settings, raw=raw, sections=sections)
 
 
-def load_section(settings: Settings, name: str, cls: type[T]) -> T:
-    """Load a stage's own section (``[training]``, ``[monitoring]``...) from the same TOML file."""
-    return build(cls, settings.raw.get(name, {}), name)
+def _origin(path: object) -> str:
+    return "--config" if path else "$KTOLOOP_CONFIG"
+
+
+def load_section(settings: Settings, name: str, cls: type[T] | None = None) -> T:
+    """A stage's own section (``[training]``, ``[monitoring]``...) of the same TOML file, validated at load."""
+    registered = section_class(name)
+    if (cls is None or cls is registered) and name in settings.sections:
+        return settings.sections[name]
+    return build(cls or registered, settings.raw.get(name, {}), name)

@@ -23,12 +23,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     report.set_defaults(func=report_command)
     ui = sub.add_parser("ui", help="serve the Evidently workspace (evidently ui)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    ui.add_argument("--port", type=int, default=8000)
+    ui.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     ui.set_defaults(func=ui_command)
 
     evaluate = subparsers.add_parser("evaluate", help="log-likelihood benchmarks on a base model or base + adapter")
-    evaluate.add_argument("--suite", choices=["quick", "full"], default="quick")
-    evaluate.add_argument("--base", help="base model directory (default: the materialised SmolLM2-135M-Instruct)")
+    evaluate.add_argument("--suite", choices=["quick", "full"], default="quick",
+                          help="quick: a fixed sample sized in [monitoring] quick_sizes; full: every item")
+    evaluate.add_argument("--reference", help="pinned reference to evaluate (default: the only one pinned)")
+    evaluate.add_argument("--base", help="a model directory instead of the pinned reference")
     evaluate.add_argument("--adapter", help="peft adapter directory")
     evaluate.add_argument("--benchmarks", nargs="+", metavar="NAME", help="subset of the suite's benchmarks")
     evaluate.add_argument("--model-id", help="name stored with the results (default: from the directories)")
@@ -78,25 +80,39 @@ def ui_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
-    from pathlib import Path
-
     from ktoloop.store import Store
+    from ktoloop.tables import format_table
     from monitoring.config import load_monitor_config, monitoring_dir
     from monitoring.harness import run_suite
     from monitoring.reports import capability_snapshot
     from monitoring.workspace import log_run
 
-    base = args.base
-    if base is None:
-        from training.modeling import materialize_smollm2
-
-        base = materialize_smollm2(Path.home() / ".cache" / "ktoloop" / "smollm2-135m-instruct")
+    base, model_id = args.base, args.model_id
+    if base is None:  # the pinned reference, never a fresh copy of the model
+        reference = _pinned_reference(settings, args.reference)
+        base = reference.path
+        if model_id is None and args.adapter is None:  # the id the retrain flow stores the reference's runs under
+            model_id = f"reference:{reference.name}:{reference.sha256[:12]}"
     run = run_suite(base, args.adapter, suite=args.suite, benchmarks=args.benchmarks,
                     config=load_monitor_config(settings), store=Store(settings.db_path, settings.store.lock_timeout_s),
-                    model_id=args.model_id, device=args.device)
+                    model_id=model_id, device=args.device)
     log_run(monitoring_dir(settings) / "workspace", capability_snapshot(run))
     print(f"run {run.run_id}  model {run.model_id}  suite {run.suite}")
-    print(f"{'benchmark':<14}{'metric':<17}{'value':>9}{'stderr':>9}{'n':>7}")
-    for bench, metric, value, stderr, n in run.table():
-        print(f"{bench:<14}{metric:<17}{value:>9.4f}{'' if stderr is None else f'{stderr:.4f}':>9}{n:>7}")
+    print(format_table(["benchmark", "metric", "value", "stderr", "n"], run.table()))
     return 0
+
+
+def _pinned_reference(settings: Settings, name: str | None):
+    from training.reference import list_references, load_reference
+
+    if name:
+        reference = load_reference(name, settings.home_dir)
+    else:
+        pinned = list_references(settings.home_dir)
+        if len(pinned) != 1:
+            raise KtoLoopError(f"pass --reference NAME or --base DIR (pinned references under "
+                               f"{settings.home_dir / 'references'}: {[r.name for r in pinned] or 'none'}; "
+                               "pin one with `ktoloop reference materialize-smollm2`)")
+        reference = pinned[0]
+    reference.verify()
+    return reference

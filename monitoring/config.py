@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktoloop import data
-from ktoloop.config import ConfigError, Settings, load_section
+from ktoloop.config import PATH, ConfigError, Settings, load_section
 
 
 @dataclass(frozen=True)
 class MonitorConfig:
-    benchmarks_dir: str = ""
+    benchmarks_dir: str = field(default="", metadata=PATH)
     """Folder with the benchmark files (formats: ktoloop/data/PROVENANCE.md); empty means ``<data_dir>/benchmarks``."""
     batch_tokens: int = 8192
     """Padded tokens per forward pass; sequences are sorted by length so little of it is padding."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ktoloop.errors import KtoLoopError
+from ktoloop.progress import Progress
 from ktoloop.store import Store
 from monitoring.config import MonitorConfig
 from monitoring.scoring import loglikelihood
@@ -85,7 +86,7 @@ def evaluate(model, tokenizer, suite: str = "quick", benchmarks: Sequence[str] |
     if suite not in SUITES:
         raise KtoLoopError(f"unknown suite {suite!r}; known: {sorted(SUITES)}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results = {}
+    encoded = {}  # every benchmark's requests first, so the suite's progress line knows the total
     for name, size in SUITES[suite](config, benchmarks).items():
         task = get_task(name)
         started = time.perf_counter()
@@ -97,8 +98,13 @@ def evaluate(model, tokenizer, suite: str = "quick", benchmarks: Sequence[str] |
             reqs = task.kind.requests(item, tokenizer, config.max_length)
             spans.append((len(requests), len(requests) + len(reqs)))
             requests += reqs
+        encoded[name] = (task, ids, items, requests, spans, time.perf_counter() - started)
+    suite_progress = Progress(f"capability suite {suite}", sum(len(e[3]) for e in encoded.values()), "requests", log)
+    results = {}
+    for name, (task, ids, items, requests, spans, encode_s) in encoded.items():
+        started = time.perf_counter() - encode_s
         scores = loglikelihood(model, requests, batch_tokens=config.batch_tokens, max_length=config.max_length,
-                               pad_id=pad_id, desc=name, progress=progress)
+                               pad_id=pad_id, desc=name, progress=progress, on_batch=suite_progress.update)
         per_item: dict[str, list[float]] = {}
         for item, (a, b) in zip(items, spans, strict=True):
             for metric, value in task.kind.score(item, scores[a:b]).items():

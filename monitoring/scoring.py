@@ -7,6 +7,7 @@ and only continuation positions go through the LM head, which keeps memory flat 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +71,9 @@ def _batches(order: list[int], lengths: list[int], batch_tokens: int) -> list[li
 
 @torch.inference_mode()
 def loglikelihood(model, requests: list[Request], *, batch_tokens: int = 8192, max_length: int = 2048,
-                  pad_id: int = 0, desc: str = "scoring", progress: bool = True) -> list[Score]:
-    """Score every request; results come back in request order."""
+                  pad_id: int = 0, desc: str = "scoring", progress: bool = True,
+                  on_batch: Callable[[int], None] | None = None) -> list[Score]:
+    """Score every request; results come back in request order. ``on_batch(n)`` after each batch of n."""
     device = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     inputs: list[list[int]] = []
@@ -112,6 +114,8 @@ def loglikelihood(model, requests: list[Request], *, batch_tokens: int = 8192, m
                                    count)
             offset += count
         assert offset == len(owners)
+        if on_batch is not None:
+            on_batch(len(batch))
     return results  # type: ignore[return-value]
 
 

@@ -37,16 +37,17 @@ def add_commands(subparsers) -> None:
 
     train = subparsers.add_parser("train", help="train a KTO/DPO/IPO adapter on a dataset snapshot")
     train.add_argument("--snapshot", required=True, help="snapshot id (under <home>/snapshots) or directory")
-    train.add_argument("--method", choices=METHODS, help="default: [training].method")
-    train.add_argument("--beta", type=float)
-    train.add_argument("--sweep-beta", default="", help="comma-separated betas, e.g. 0.05,0.1,0.3")
-    train.add_argument("--lr", type=float)
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--max-steps", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--grad-accumulation-steps", type=int)
-    train.add_argument("--full-finetune", action="store_true", default=None)
-    train.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--method", choices=METHODS, help="loss (default: [training] method)")
+    train.add_argument("--beta", type=float, help="pull towards the reference (default: [training] beta)")
+    train.add_argument("--sweep-beta", default="", help="comma-separated betas, e.g. 0.05,0.1,0.3; keeps the best")
+    _section_flags(train, "training", (("--lr", float, "learning rate"), ("--epochs", int, "passes over the data"),
+                                       ("--max-steps", int, "optimizer steps; 0 = --epochs passes"),
+                                       ("--batch-size", int, "examples per forward"),
+                                       ("--grad-accumulation-steps", int, "forwards per optimizer step")))
+    train.add_argument("--full-finetune", action="store_true", default=None,
+                       help="train every weight instead of a LoRA adapter")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: [training] device (auto = CUDA "
+                       "when available)")
     train.add_argument("--reference", help="pinned reference name (default: the snapshot's model version)")
     train.add_argument("--run-id", default="", help="default: <method>-<snapshot>-<config hash>")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -57,9 +58,10 @@ def add_commands(subparsers) -> None:
     reward_sub = reward.add_subparsers(dest="reward_command", metavar="ACTION", required=True)
     rtrain = reward_sub.add_parser("train", help="train a reward model on a snapshot and pin it")
     rtrain.add_argument("--snapshot", required=True, help="snapshot id (under <home>/snapshots) or directory")
-    for flag, kind in (("--lr", float), ("--epochs", int), ("--max-steps", int), ("--batch-size", int)):
-        rtrain.add_argument(flag, type=kind)
-    rtrain.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    _section_flags(rtrain, "reward", (("--lr", float, "learning rate"), ("--epochs", int, "passes over the data"),
+                                      ("--max-steps", int, "optimizer steps; 0 = --epochs passes"),
+                                      ("--batch-size", int, "pairs and unpaired thumbs per step (each)")))
+    rtrain.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: [reward] device")
     rtrain.add_argument("--reference", help="pinned reference name (default: the snapshot's model version)")
     rtrain.add_argument("--run-id", default="", help="pin name (default: rm-<snapshot>-<config hash>)")
     rtrain.set_defaults(func=cmd_reward_train)
@@ -70,16 +72,27 @@ def add_commands(subparsers) -> None:
     ppo = subparsers.add_parser("ppo", help="PPO against a pinned reward model, within a compute budget")
     ppo.add_argument("--snapshot", required=True, help="snapshot id (under <home>/snapshots) or directory")
     ppo.add_argument("--reward-model", help="pinned reward model (default: the newest for the reference)")
-    for flag, kind in (("--max-generated-tokens", int), ("--max-seconds", float), ("--max-steps", int),
-                       ("--rollout-batch-size", int), ("--mini-batch-size", int), ("--max-new-tokens", int),
-                       ("--lr", float), ("--kl-coef", float), ("--kl-bound", float)):
-        ppo.add_argument(flag, type=kind)
-    ppo.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    _section_flags(ppo, "ppo", (("--max-generated-tokens", int, "budget: generated tokens over the whole run"),
+                                ("--max-seconds", float, "budget: wall seconds of the PPO loop"),
+                                ("--max-steps", int, "PPO steps; 0 = until the budget is spent"),
+                                ("--rollout-batch-size", int, "prompts generated per step"),
+                                ("--mini-batch-size", int, "rollouts per update"),
+                                ("--max-new-tokens", int, "tokens generated per prompt"),
+                                ("--lr", float, "learning rate"), ("--kl-coef", float, "per-token KL penalty"),
+                                ("--kl-bound", float, "stop when a rollout's mean KL (nats) exceeds this")))
+    ppo.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: [ppo] device")
     ppo.add_argument("--reference", help="pinned reference name (default: the snapshot's model version)")
     ppo.add_argument("--run-id", default="", help="default: ppo-<snapshot>-<config hash>")
     ppo.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     add_override_flags(ppo)
     ppo.set_defaults(func=cmd_ppo)
+
+
+def _section_flags(parser: argparse.ArgumentParser, section: str, flags: tuple[tuple[str, type, str], ...]) -> None:
+    """Flags that override one key of ``[section]`` each; the help names the key they override."""
+    for flag, kind, text in flags:
+        key = flag.removeprefix("--").replace("-", "_")
+        parser.add_argument(flag, type=kind, help=f"{text} (default: [{section}] {key})")
 
 
 def add_override_flags(parser: argparse.ArgumentParser) -> None:
@@ -116,13 +129,18 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from training.reference import list_references
 
+    from ktoloop.tables import format_table
+
     refs = list_references(settings.home_dir)
     if not refs:
         print(f"no pinned references under {settings.home_dir / 'references'}")
+        return 0
     for ref in refs:
         if args.verify:
-            ref.verify()
-        print(f"{ref.name}\t{ref.model_version}\t{ref.sha256[:16]}\t{ref.path}" + ("\tverified" if args.verify else ""))
+            ref.verify()  # raises, naming the file, on the first mismatch
+    print(format_table(["name", "model_version", "sha256", "path"] + (["verified"] if args.verify else []),
+                       [[r.name, r.model_version, r.sha256[:16], r.path] + (["yes"] if args.verify else [])
+                        for r in refs]))
     return 0
 
 
@@ -193,15 +211,19 @@ def cmd_reward_train(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_reward_show(args: argparse.Namespace, settings: Settings) -> int:
     from training.reward import list_reward_models
 
+    from ktoloop.tables import format_table
+
     infos = list_reward_models(settings.home_dir)
     if not infos:
         print(f"no pinned reward models under {settings.home_dir / 'reward_models'}")
+        return 0
     for info in infos:
         if args.verify:
-            info.verify()
-        accuracy = (info.eval or {}).get("accuracy")
-        print(f"{info.name}\treference {info.reference['name']} ({info.reference_sha256[:12]})\tsnapshot "
-              f"{info.snapshot['id']}\taccuracy {accuracy}" + ("\tverified" if args.verify else ""))
+            info.verify()  # raises, naming the file, on the first mismatch
+    print(format_table(["name", "reference", "reference_sha256", "snapshot", "accuracy"]
+                       + (["verified"] if args.verify else []),
+                       [[i.name, i.reference["name"], i.reference_sha256[:12], i.snapshot["id"],
+                         (i.eval or {}).get("accuracy")] + (["yes"] if args.verify else []) for i in infos]))
     return 0
 
 

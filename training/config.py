@@ -1,8 +1,9 @@
-"""The ``[training]`` section: every knob of a training run, validated once, saved next to every adapter.
+"""The trainers' sections, ``[training]``, ``[reward]`` and ``[ppo]``: every knob of a run, validated once, saved
+next to every adapter.
 
 Load from TOML with ``load_section(settings, "training", TrainConfig)``; override per run with
-``dataclasses.replace(config, beta=0.3)`` (which re-runs the validation). No torch import here, so the CLI
-can build and check a config without paying for it.
+``dataclasses.replace(config, beta=0.3)`` (which re-runs the validation). No torch import here, so every
+command validates these sections when it loads the file without paying for it.
 """
 
 from __future__ import annotations
@@ -108,3 +109,147 @@ class TrainConfig(LoraFields):
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(f"training.max_prompt_length ({self.max_prompt_length}) must be smaller than "
                               f"training.max_length ({self.max_length}) to leave room for the completion")
+
+
+@dataclass(frozen=True)
+class RewardConfig(LoraFields):
+    """The ``[reward]`` section."""
+
+    lr: float = 1e-4
+    epochs: int = 1
+    max_steps: int = 0
+    """Optimizer steps; 0 means ``epochs`` passes over the larger of (pairs, unpaired thumbs)."""
+    batch_size: int = 8
+    """Pairs and unpaired thumbs per step (each)."""
+    unpaired_weight: float = 1.0
+    """Weight of the logistic thumb loss next to the Bradley-Terry pair loss."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    max_prompt_length: int = 256
+    seed: int = 0
+    device: str = "auto"
+    reference: str = ""
+    """Pinned reference name; empty = the one whose model_version matches the snapshot."""
+
+    # read by training.runtime.make_trainable (shared LoRA set-up): the reward model is always a LoRA adapter
+    full_finetune = False
+    gradient_checkpointing = False
+
+    def __post_init__(self) -> None:
+        self._check_lora("reward")
+        if self.device not in DEVICES:
+            raise ConfigError(f"reward.device must be one of {list(DEVICES)}, got {self.device!r}")
+        for name in ("lr", "batch_size", "max_length", "max_prompt_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"reward.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("epochs", "max_steps", "unpaired_weight", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"reward.{name} must be >= 0, got {getattr(self, name)}")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ConfigError("reward.epochs and reward.max_steps are both 0: set one of them")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"reward.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                              f"reward.max_length ({self.max_length})")
+
+
+BUDGET_FIELDS = ("max_generated_tokens", "max_seconds", "max_steps")  # may grow on --resume
+
+
+@dataclass(frozen=True)
+class PPOConfig(LoraFields):
+    """The ``[ppo]`` section. A run needs a budget: ``max_generated_tokens`` and/or ``max_seconds``."""
+
+    max_generated_tokens: int = 0
+    """Budget: generated tokens over the whole run (resumes included); 0 = no token budget."""
+    max_seconds: float = 0.0
+    """Budget: wall seconds of the PPO loop over the whole run (resumes included; model loading, the dry step
+    that bounds the first step, and the final evaluation excluded); 0 = no time budget."""
+    max_steps: int = 0
+    """PPO steps (rollout + update); 0 = until the budget is spent."""
+    rollout_batch_size: int = 16
+    """Prompts generated for per step."""
+    mini_batch_size: int = 8
+    ppo_epochs: int = 4
+    """Passes over each rollout."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    """0 = off. top_k / top_p make sampling differ from the softmax the ratios use: keep them off unless needed."""
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    """Per-token KL penalty coefficient (the reward is score - kl_coef * sum_t KL_t)."""
+    kl_bound: float = 10.0
+    """Stop when a rollout's mean per-sequence KL to the reference (nats) exceeds this."""
+    accuracy_drop: float = 0.05
+    """Reward-hacking guard: tolerated fall of held-out preference accuracy below its best while reward rises
+    (at least two standard errors of the eval split's accuracy)."""
+    eval_every: int = 10
+    """Steps between held-out preference evaluations (the hacking guard); 0 = only at the end."""
+    eval_prompts: int = 32
+    """Held-out prompts (the eval split's) sampled from the reference and from the final policy with the same
+    seed and scored: the run's reward before/after and the policy's KL, in training_meta.json; 0 = skip."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    full_finetune: bool = False
+    lora_dropout: float = 0.0
+    """0 by default: dropout would make the first PPO epoch's ratios differ from 1."""
+    max_prompt_length: int = 256
+    max_length: int = 512
+    """Prompt + completion tokens when scoring held-out preferences (as ``[training].max_length``)."""
+    seed: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    device: str = "auto"
+    reference: str = ""
+    """Pinned reference name; empty = the one whose model_version matches the snapshot."""
+    reward_model: str = ""
+    """Pinned reward model name; empty = the newest trained for the reference."""
+
+    gradient_checkpointing = False  # read by training.runtime.make_trainable; generation needs the KV cache
+
+    def __post_init__(self) -> None:
+        self._check_lora("ppo")
+        if self.device not in DEVICES:
+            raise ConfigError(f"ppo.device must be one of {list(DEVICES)}, got {self.device!r}")
+        for name in ("rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "temperature",
+                     "lr", "clip_range", "clip_range_value", "kl_bound", "max_prompt_length", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ppo.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_generated_tokens", "max_seconds", "max_steps", "top_k", "kl_coef", "accuracy_drop",
+                     "eval_every", "eval_prompts", "vf_coef", "weight_decay", "max_grad_norm", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam", "top_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mini_batch_size > self.rollout_batch_size:
+            raise ConfigError(f"ppo.mini_batch_size ({self.mini_batch_size}) exceeds ppo.rollout_batch_size "
+                              f"({self.rollout_batch_size})")
+        if 0 < self.max_generated_tokens < self.rollout_tokens():
+            raise ConfigError(f"ppo.max_generated_tokens ({self.max_generated_tokens}) is below one rollout "
+                              f"(rollout_batch_size x max_new_tokens = {self.rollout_tokens()})")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"ppo.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                              f"ppo.max_length ({self.max_length})")
+
+    def rollout_tokens(self) -> int:
+        """The most tokens one step can generate."""
+        return self.rollout_batch_size * self.max_new_tokens
+
+    def has_budget(self) -> bool:
+        return self.max_generated_tokens > 0 or self.max_seconds > 0
+
+    def fingerprint(self) -> str:
+        """Hash of everything but the budget: a resumed run may be given more tokens, steps or seconds."""
+        import hashlib
+
+        fields = {k: v for k, v in self.to_dict().items() if k not in BUDGET_FIELDS}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]

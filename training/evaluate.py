@@ -110,7 +110,8 @@ def evaluate_preference(model, tokenizer, snapshot: Snapshot, reference: Referen
         ref_model, _ = load_model(reference.path, device=device)
         cache.fill(ref_model, data, pairs + kl_pairs, _pad(tokenizer), device, max(config.batch_size, 8))
         del ref_model
-    policy = compute_logps(model, data, pairs + kl_pairs, _pad(tokenizer), device, max(config.batch_size, 8))
+    policy = compute_logps(model, data, pairs + kl_pairs, _pad(tokenizer), device, max(config.batch_size, 8),
+                           label=f"held-out scoring ({split})")
     policy = policy.to(device)  # the loss may all-reduce (KTO's z), and NCCL needs device tensors
     ref = cache.get(data, pairs, device)
     lengths = torch.tensor([len(data.tokens(p)[1]) for p in pairs], dtype=torch.float32, device=device)

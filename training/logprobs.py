@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ktoloop.progress import Progress
 from training.data import Batch, Encoded, Pair, collate
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,20 @@ def precision(device: torch.device) -> str:
 
 @torch.no_grad()
 def compute_logps(model, data: Encoded, pairs: list[Pair], pad_id: int, device: torch.device,
-                  batch_size: int) -> torch.Tensor:
-    """Log-probs of many sequences, in eval mode, batched; length-sorted so padding stays small."""
+                  batch_size: int, label: str = "log-probs") -> torch.Tensor:
+    """Log-probs of many sequences, in eval mode, batched; length-sorted so padding stays small.
+
+    Logs ``label: done/total sequences, rate, ETA`` every ``ktoloop.progress.EVERY_S`` seconds."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(pairs)), key=lambda k: len(data.tokens(pairs[k])[0]) + len(data.tokens(pairs[k])[1]))
     out = torch.zeros(len(pairs))
+    progress = Progress(label, len(order), "sequences", log)
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
         with autocast(device):
             out[chunk] = sequence_logps(model, collate(data, [pairs[k] for k in chunk], pad_id, device)).cpu()
+        progress.update(len(chunk))
     model.train(was_training)
     return out
 
@@ -111,7 +116,7 @@ class ReferenceCache:
         todo = self.missing(data, pairs)
         if todo:
             log.info("reference log-probs: computing %d sequences once (cached at %s)", len(todo), self.path)
-            logps = compute_logps(model, data, todo, pad_id, device, batch_size)
+            logps = compute_logps(model, data, todo, pad_id, device, batch_size, label="reference log-probs")
             self.values.update(zip(self.keys(data, todo), logps.tolist()))
             self.save()
         return len(todo)

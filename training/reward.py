@@ -26,10 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ktoloop.config import ConfigError
 from ktoloop.errors import KtoLoopError
 from ktoloop.snapshot import Snapshot
-from training.config import LoraFields
+from training.config import RewardConfig  # lives there: no torch to load [reward]
 from training.data import Encoded, collate, encode_completion, render_prompt
 from training.evaluate import has_split
 from training.reference import Reference, _hash_dir, verify_pinned_dir
@@ -38,49 +37,6 @@ HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_meta.json"
 METRICS_FILE = "metrics.jsonl"
 PIN_FILE = "reward_model.json"
-DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass(frozen=True)
-class RewardConfig(LoraFields):
-    """The ``[reward]`` section."""
-
-    lr: float = 1e-4
-    epochs: int = 1
-    max_steps: int = 0
-    """Optimizer steps; 0 means ``epochs`` passes over the larger of (pairs, unpaired thumbs)."""
-    batch_size: int = 8
-    """Pairs and unpaired thumbs per step (each)."""
-    unpaired_weight: float = 1.0
-    """Weight of the logistic thumb loss next to the Bradley-Terry pair loss."""
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    max_prompt_length: int = 256
-    seed: int = 0
-    device: str = "auto"
-    reference: str = ""
-    """Pinned reference name; empty = the one whose model_version matches the snapshot."""
-
-    # read by training.runtime.make_trainable (shared LoRA set-up): the reward model is always a LoRA adapter
-    full_finetune = False
-    gradient_checkpointing = False
-
-    def __post_init__(self) -> None:
-        self._check_lora("reward")
-        if self.device not in DEVICES:
-            raise ConfigError(f"reward.device must be one of {list(DEVICES)}, got {self.device!r}")
-        for name in ("lr", "batch_size", "max_length", "max_prompt_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"reward.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("epochs", "max_steps", "unpaired_weight", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"reward.{name} must be >= 0, got {getattr(self, name)}")
-        if self.epochs == 0 and self.max_steps == 0:
-            raise ConfigError("reward.epochs and reward.max_steps are both 0: set one of them")
-        if self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"reward.max_prompt_length ({self.max_prompt_length}) must be smaller than "
-                              f"reward.max_length ({self.max_length})")
 
 
 # ------------------------------------------------------------------------------------------------ the model

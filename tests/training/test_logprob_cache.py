@@ -70,3 +70,22 @@ def test_replayed_in_another_order_rebuilt_and_trained_step_one_is_exact(method,
     run = train(train_config, replay, tiny_reference, tmp_path / "run-b", cache_dir=cache)
     assert run.meta["final_train_metrics"]["loss"] == pytest.approx(first_loss, rel=1e-4)
     assert abs(run.meta["final_train_metrics"]["rewards/margin"]) < 1e-4  # policy == reference at step 1
+
+
+def test_reference_fill_logs_progress_with_a_rate_and_an_eta(tiny_reference, toy, tmp_path, monkeypatch, caplog):
+    import logging
+    import re
+
+    from ktoloop import progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line after every batch instead of every 10 s
+    model, tokenizer = load_model(tiny_reference.path, device="cpu")
+    data = encode_snapshot(toy, "train", tokenizer, False, 128, 64)
+    pairs = data.sequences(list(range(data.n)))
+    cache = ReferenceCache.for_reference(tmp_path, tiny_reference.sha256, torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger="training.logprobs"):
+        cache.fill(model, data, pairs, tokenizer.pad_token_id, torch.device("cpu"), 2)
+    lines = [r.getMessage() for r in caplog.records if "/s, ETA" in r.getMessage()]
+    assert lines, caplog.text
+    assert all(re.fullmatch(rf"reference log-probs: \d+/{data.n} sequences, [\d.e+]+ seq/s, ETA (\d+ s|\d+ min)", line)
+               for line in lines), lines
