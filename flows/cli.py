@@ -117,7 +117,7 @@ def add_loop_commands(sub: argparse._SubParsersAction) -> None:
     promote.add_argument("--reason", default="", help="why (recorded with who did it)")
     promote.set_defaults(func=_models_promote)
     export = models_sub.add_parser("export", help="write a registered model as a standalone HF model directory")
-    export.add_argument("model_id")
+    export.add_argument("model_id", help="a model id from `ktoloop models list`")
     export.add_argument("dir", help="output directory (LoRA merged into its reference; tokenizer, chat template)")
     export.set_defaults(func=_models_export)
     rollback = models_sub.add_parser("rollback", help="serve the previously promoted model again")

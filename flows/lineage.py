@@ -28,15 +28,18 @@ def served_version(parent_version: str, generation: int, model_id: str) -> str:
 def base_reference(settings: Settings):
     """Generation 0: the one pinned base model, or the one ``[training] reference`` names among several."""
     from training.config import TrainConfig
-    from training.reference import base_references, list_names, load_reference
+    from training.reference import base_references, load_reference
 
     named = load_section(settings, "training", TrainConfig).reference
     if named:
         return load_reference(named, settings.home_dir)
     bases = base_references(settings.home_dir)
-    if len(bases) != 1:
-        raise KtoLoopError(f"{len(bases)} pinned base models ({[b.name for b in bases] or list_names(settings.home_dir)}"
-                           f"); {'name one as [training] reference' if bases else 'pin one with `ktoloop reference materialize-smollm2`'}")
+    if not bases:
+        raise KtoLoopError(f"no pinned base model under {settings.home_dir / 'references'}; pin one with `ktoloop "
+                           f"reference materialize-smollm2` or `ktoloop reference pin PATH --model-version V`")
+    if len(bases) > 1:
+        raise KtoLoopError(f"{len(bases)} pinned base models ({', '.join(b.name for b in bases)}); name the one "
+                           f"generation 0 starts from as [training] reference")
     return bases[0]
 
 

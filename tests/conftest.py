@@ -20,6 +20,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def _config_env_stays_in_its_test():
+    """``ktoloop --config F`` exports $KTOLOOP_CONFIG for the flows it starts: one test's file (maybe a
+    deliberately broken one) must not become the next test's configuration."""
+    saved = {k: os.environ.get(k) for k in ("KTOLOOP_CONFIG", "KTOLOOP_HOME", "KTOLOOP_BOOTSTRAP")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture
 def unused_port() -> int:
     return free_port()

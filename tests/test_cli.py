@@ -119,7 +119,7 @@ def test_models_list_is_an_aligned_table_with_every_id_in_full(cli, tmp_path):
     assert all(row[method_at - 2: method_at] == "  " and row[method_at:].startswith(("kto", "dpo")) for row in rows)
     loss_end = header.index("heldout_loss") + len("heldout_loss")
     assert all(row[:loss_end].endswith("0.6123") for row in rows)  # numbers right-aligned under their header
-    assert lines[-1] == "serving: the pinned reference (nothing promoted)"
+    assert lines[-1] == "serving: the base model (nothing promoted)"  # no pin here: no version line
 
 
 def test_ingest_stats_shortens_dead_letter_reasons_and_reasons_shows_them_in_full(cli, tmp_path):

@@ -265,7 +265,7 @@ def test_cli_builds_only_for_a_pinned_reference_version(tmp_path, tiny_model_dir
     config.write_text(f'home = "{home}"\n')
     cli = [sys.executable, "-m", "ktoloop.cli", "--config", str(config), "dataset", "build"]
     unpinned = subprocess.run(cli, capture_output=True, text=True)
-    assert unpinned.returncode == 2 and "pinned reference versions: none" in unpinned.stderr
+    assert unpinned.returncode == 2 and "no pinned base model" in unpinned.stderr
     pin_reference(tiny_model_dir, V1, home)
     other = subprocess.run(cli + ["--model-version", V2], capture_output=True, text=True)
     assert other.returncode == 2 and f"model version '{V2}' has no pinned reference" in other.stderr
