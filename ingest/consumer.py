@@ -179,11 +179,12 @@ class FeedbackIngestor:
             try:
                 batch.events.append(self.decoder.decode(record.value))
                 batch.positions.append((record.topic, record.partition, record.offset))
+                batch.payloads.append(record.value)
             except InvalidEvent as exc:
                 batch.rejects.append((record.topic, record.partition, record.offset, record.value, str(exc)))
             key = (record.topic, record.partition)
             batch.next_offsets[key] = max(batch.next_offsets.get(key, 0), record.offset + 1)
-        result = land(self.store, self.kafka.group_id, batch)
+        result = land(self.store, self.kafka.group_id, batch, self.limits.dead_letter_max_bytes)
         self.stats.consumed += len(batch)
         self.stats.landed += result.landed
         self.stats.duplicates += result.duplicates

@@ -30,3 +30,14 @@ def test_file_values_and_env_override(tmp_path, monkeypatch):
 def test_validation_at_construction():
     with pytest.raises(ConfigError, match="heartbeat"):
         KafkaConfig(session_timeout_ms=3000, heartbeat_interval_ms=2000)
+
+
+def test_ingest_dead_letter_limit_is_validated(tmp_path):
+    from ktoloop.config import IngestConfig
+
+    assert IngestConfig().dead_letter_max_bytes == 65_536
+    with pytest.raises(ConfigError, match="ingest.dead_letter_max_bytes must be >= 0, got -1"):
+        IngestConfig(dead_letter_max_bytes=-1)
+    cfg = tmp_path / "k.toml"
+    cfg.write_text("[ingest]\ndead_letter_max_bytes = 0\n")
+    assert load_settings(cfg).ingest.dead_letter_max_bytes == 0
