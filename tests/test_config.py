@@ -32,12 +32,14 @@ def test_validation_at_construction():
         KafkaConfig(session_timeout_ms=3000, heartbeat_interval_ms=2000)
 
 
-def test_ingest_dead_letter_limit_is_validated(tmp_path):
+def test_ingest_dead_letter_and_drain_limits_are_validated(tmp_path):
     from ktoloop.config import IngestConfig
 
-    assert IngestConfig().dead_letter_max_bytes == 65_536
+    assert (IngestConfig().dead_letter_max_bytes, IngestConfig().drain_join_timeout_s) == (65_536, 60.0)
     with pytest.raises(ConfigError, match="ingest.dead_letter_max_bytes must be >= 0, got -1"):
         IngestConfig(dead_letter_max_bytes=-1)
+    with pytest.raises(ConfigError, match="ingest.drain_join_timeout_s must be > 0, got 0"):
+        IngestConfig(drain_join_timeout_s=0)
     cfg = tmp_path / "k.toml"
-    cfg.write_text("[ingest]\ndead_letter_max_bytes = 0\n")
+    cfg.write_text("[ingest]\ndead_letter_max_bytes = 0\ndrain_join_timeout_s = 5\n")
     assert load_settings(cfg).ingest.dead_letter_max_bytes == 0

@@ -105,6 +105,17 @@ def test_an_edited_redelivery_and_a_huge_reject_reach_dead_letters_bounded(tmp_p
     assert too_big["raw_sha256"] == hashlib.sha256(huge).hexdigest()
 
 
+def test_a_drain_that_never_gets_a_partition_fails_with_exit_2(tmp_path, broker):
+    config = make_config(tmp_path, broker.address, drain_join_timeout_s=0.01)  # the group join takes seconds
+    settings = load_settings(config)
+    publish(settings.kafka, messages(synthetic_events(10, seed=6)))
+    result = subprocess.run(cli(config, "ingest", "drain"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if "ktoloop: error:" in x]
+    assert f"drain got no partition of topic {settings.kafka.topic!r}" in line and broker.address in line
+    assert "Traceback" not in result.stderr
+
+
 def test_kill_9_mid_stream_then_resume_lands_each_event_once(tmp_path, broker):
     config = make_config(tmp_path, broker.address, batch_max_events=300, batch_max_seconds=0.1)
     settings = load_settings(config)
@@ -191,6 +202,7 @@ def test_unreachable_broker_fails_fast_naming_the_address(tmp_path, unused_port)
     assert result.returncode == 2
     assert f"no Kafka broker reachable at {address} within 5 s" in result.stderr
     assert time.monotonic() - started < 20
+    assert not load_settings(config).db_path.exists()  # no empty store left behind by a wrong address
 
 
 def test_broker_cli_start_status_stop(tmp_path, unused_port):
