@@ -114,10 +114,11 @@ class EventDecoder:
             raise InvalidEvent(f"invalid field: {exc}") from None
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec 0.22 raised the latter for bad UTF-8
             raise _undecodable(raw, exc) from None
-        for name in REQUIRED_TEXT:
-            if getattr(wire, name).isspace():  # == blank after str.strip(); stops at the first non-space
-                raise InvalidEvent(f"invalid field: {name} is blank (only whitespace); a required text field "
-                                   f"needs a non-whitespace character - at `$.{name}`")
+        # isspace() == blank after str.strip(), and stops at the first non-space: ~30 ns a field
+        if wire.response.isspace() or wire.prompt.isspace() or wire.event_id.isspace() or wire.model_version.isspace():
+            name = next(n for n in REQUIRED_TEXT if getattr(wire, n).isspace())
+            raise InvalidEvent(f"invalid field: {name} is blank (only whitespace); a required text field "
+                               f"needs a non-whitespace character - at `$.{name}`")
         return FeedbackEvent(
             event_id=wire.event_id,
             prompt=wire.prompt,
