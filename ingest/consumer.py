@@ -23,9 +23,14 @@ from ingest import clients
 from ingest.landing import Batch, land, stored_offsets
 from ingest.schema import EventDecoder, InvalidEvent
 from ktoloop.config import Settings
+from ktoloop.errors import TransientError
 from ktoloop.store import Store
 
 log = logging.getLogger(__name__)
+
+
+class NoPartitionsAssigned(TransientError):
+    """A drain that never joined: retry once the group has settled; never report it as drained."""
 
 
 @dataclass
@@ -93,12 +98,16 @@ class FeedbackIngestor:
     def run(self) -> IngestStats:
         return self._loop(until_caught_up=False)
 
-    def drain(self, join_timeout_s: float = 60.0) -> IngestStats:
-        return self._loop(until_caught_up=True, join_timeout_s=join_timeout_s)
+    def drain(self, join_timeout_s: float | None = None) -> IngestStats:
+        """Raises NoPartitionsAssigned when the group gives this consumer nothing to read within the wait
+        (``[ingest] drain_join_timeout_s`` by default): a scheduled drain that never joined did not drain."""
+        timeout = self.limits.drain_join_timeout_s if join_timeout_s is None else join_timeout_s
+        return self._loop(until_caught_up=True, join_timeout_s=timeout)
 
     # -- the loop --------------------------------------------------------------------------------------
     def _loop(self, until_caught_up: bool, join_timeout_s: float = 60.0) -> IngestStats:
-        self.store.init()
+        # The broker first: an unreachable one fails naming its address before the DuckDB file is created
+        # or migrated (a wrong bootstrap address must not leave an empty store behind).
         clients.ensure_topic(self.kafka)
         consumer = self._consumer = clients.consumer(self.kafka)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktoloop-landing")
@@ -107,6 +116,7 @@ class FeedbackIngestor:
         batch_started = started
         first_record_at: float | None = None
         try:
+            self.store.init()
             consumer.subscribe([self.kafka.topic], listener=_SeekToStoredOffsets(self))
             while not self.stop_requested.is_set():
                 records = consumer.poll(timeout_ms=200, max_records=self.limits.batch_max_events)
@@ -128,8 +138,12 @@ class FeedbackIngestor:
                 if until_caught_up and polled == 0:
                     if not consumer.assignment():
                         if now - started > join_timeout_s:
-                            log.warning("no partitions assigned after %.0f s; nothing to drain", join_timeout_s)
-                            break
+                            raise NoPartitionsAssigned(
+                                f"drain got no partition of topic {self.kafka.topic!r} from group "
+                                f"{self.kafka.group_id!r} at {self.kafka.bootstrap_servers} within "
+                                f"{join_timeout_s:g} s, so nothing was drained: another member of the group "
+                                "may hold them all (is `ktoloop ingest run` running?); stop it, wait for the "
+                                "group to settle, or raise [ingest] drain_join_timeout_s")
                         continue
                     if self._caught_up():
                         break
@@ -179,11 +193,12 @@ class FeedbackIngestor:
             try:
                 batch.events.append(self.decoder.decode(record.value))
                 batch.positions.append((record.topic, record.partition, record.offset))
+                batch.payloads.append(record.value)
             except InvalidEvent as exc:
                 batch.rejects.append((record.topic, record.partition, record.offset, record.value, str(exc)))
             key = (record.topic, record.partition)
             batch.next_offsets[key] = max(batch.next_offsets.get(key, 0), record.offset + 1)
-        result = land(self.store, self.kafka.group_id, batch)
+        result = land(self.store, self.kafka.group_id, batch, self.limits.dead_letter_max_bytes)
         self.stats.consumed += len(batch)
         self.stats.landed += result.landed
         self.stats.duplicates += result.duplicates

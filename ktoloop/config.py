@@ -95,14 +95,22 @@ class IngestConfig:
     """Limit on prompt and response length (characters)."""
     max_id_chars: int = 256
     max_metadata_bytes: int = 16_384
+    dead_letter_max_bytes: int = 65_536
+    """Keep at most this many leading bytes of a rejected message in ``dead_letters.raw`` (its full size and
+    sha256 are kept beside it), so a flood of huge bad messages cannot grow the DuckDB file without bound."""
+    drain_join_timeout_s: float = 60.0
+    """``ingest drain`` fails (exit 2) when the group assigns it no partition within this long."""
     progress_every_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("batch_max_events", "max_message_bytes", "max_text_chars", "max_id_chars"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ingest.{name} must be >= 1, got {getattr(self, name)}")
-        if self.batch_max_seconds <= 0:
-            raise ConfigError("ingest.batch_max_seconds must be > 0")
+        if self.dead_letter_max_bytes < 0:
+            raise ConfigError(f"ingest.dead_letter_max_bytes must be >= 0, got {self.dead_letter_max_bytes}")
+        for name in ("batch_max_seconds", "drain_join_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ingest.{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

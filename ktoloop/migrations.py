@@ -1,7 +1,8 @@
 """Forward-only schema migrations for the DuckDB file: (version, name, SQL). Append; never edit a landed one.
 
 Version numbers are reserved per stage so work can proceed in parallel:
-1 ingestion, 2 datasets, 3 evaluations, 4 model registry, 5+ later.
+1 ingestion, 2 datasets, 3 evaluations, 4 model registry, 5+ later. A stage's follow-up migrations take
+its own hundreds (101, 102... ingestion; 201... datasets), so parallel branches never pick the same number.
 """
 
 MIGRATIONS: list[tuple[int, str, str]] = [
@@ -118,5 +119,11 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             gate         JSON,
             changed_at   TIMESTAMPTZ NOT NULL
         );
+    """),
+    (101, "ingestion: bounded dead letters", """
+        -- raw keeps at most the first [ingest] dead_letter_max_bytes of a message; these describe all of it
+        ALTER TABLE dead_letters ADD COLUMN raw_size BIGINT;       -- bytes of the whole message (NULL: null value)
+        ALTER TABLE dead_letters ADD COLUMN raw_sha256 VARCHAR;    -- hex sha256 of the whole message
+        UPDATE dead_letters SET raw_size = octet_length(raw), raw_sha256 = sha256(raw) WHERE raw IS NOT NULL;
     """),
 ]

@@ -58,5 +58,6 @@ def insert_feedback(store: Store, frame: pl.DataFrame, topic: str = "feedback") 
 
 def insert_dead_letters(store: Store, times: list[dt.datetime], topic: str = "feedback") -> None:
     with store.writer() as con:
-        con.executemany("INSERT INTO dead_letters VALUES (?, 0, ?, NULL, 'synthetic rejection', ?)",
+        con.executemany("INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, raw, error, "
+                        "received_at) VALUES (?, 0, ?, NULL, 'synthetic rejection', ?)",
                         [(topic, 10**9 + i, t) for i, t in enumerate(times)])

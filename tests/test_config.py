@@ -114,3 +114,16 @@ def test_data_dir_defaults_to_the_packaged_copy_and_names_a_missing_file(tmp_pat
     assert s.data_file("feedback/x.jsonl") == tmp_path.resolve() / "mine" / "feedback" / "x.jsonl"
     with pytest.raises(ConfigError, match=r"hh\.jsonl\.gz not found; set the top-level data_dir"):
         s.data_file("feedback/hh.jsonl.gz")
+
+
+def test_ingest_dead_letter_and_drain_limits_are_validated(tmp_path):
+    from ktoloop.config import IngestConfig
+
+    assert (IngestConfig().dead_letter_max_bytes, IngestConfig().drain_join_timeout_s) == (65_536, 60.0)
+    with pytest.raises(ConfigError, match="ingest.dead_letter_max_bytes must be >= 0, got -1"):
+        IngestConfig(dead_letter_max_bytes=-1)
+    with pytest.raises(ConfigError, match="ingest.drain_join_timeout_s must be > 0, got 0"):
+        IngestConfig(drain_join_timeout_s=0)
+    cfg = tmp_path / "k.toml"
+    cfg.write_text("[ingest]\ndead_letter_max_bytes = 0\ndrain_join_timeout_s = 5\n")
+    assert load_settings(cfg).ingest.dead_letter_max_bytes == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -85,6 +86,34 @@ def test_exactly_the_valid_distinct_events_land(tmp_path, broker):
     again = FeedbackIngestor(settings).drain()
     assert (again.consumed, again.landed, again.duplicates) == (300, 0, 300)
     assert landed(settings) == 300
+
+
+def test_an_edited_redelivery_and_a_huge_reject_reach_dead_letters_bounded(tmp_path, broker):
+    settings = load_settings(make_config(tmp_path, broker.address, dead_letter_max_bytes=1000))
+    good = list(synthetic_events(5, seed=5))
+    edited = encode_event(dict(good[0], response="An edited answer."))
+    huge = json.dumps({"event_id": "huge", "prompt": "p" * 300_000}).encode()  # over max_message_bytes
+    assert publish(settings.kafka, messages(good) + [edited, encode_event(good[1]), huge]) == 8
+
+    stats = FeedbackIngestor(settings).drain()
+    assert (stats.consumed, stats.landed, stats.duplicates, stats.rejected) == (8, 5, 1, 2)
+    dead = Store(settings.db_path).read("SELECT raw, raw_size, raw_sha256, error FROM dead_letters")
+    [conflict] = dead.filter(pl.col("error").str.contains("already landed with different content")).to_dicts()
+    assert conflict["raw"] == edited and f"event_id {good[0]['event_id']!r}" in conflict["error"]
+    [too_big] = dead.filter(pl.col("error").str.contains("byte limit")).to_dicts()
+    assert (too_big["raw"], too_big["raw_size"]) == (huge[:1000], len(huge))
+    assert too_big["raw_sha256"] == hashlib.sha256(huge).hexdigest()
+
+
+def test_a_drain_that_never_gets_a_partition_fails_with_exit_2(tmp_path, broker):
+    config = make_config(tmp_path, broker.address, drain_join_timeout_s=0.01)  # the group join takes seconds
+    settings = load_settings(config)
+    publish(settings.kafka, messages(synthetic_events(10, seed=6)))
+    result = subprocess.run(cli(config, "ingest", "drain"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if "ktoloop: error:" in x]
+    assert f"drain got no partition of topic {settings.kafka.topic!r}" in line and broker.address in line
+    assert "Traceback" not in result.stderr
 
 
 def test_kill_9_mid_stream_then_resume_lands_each_event_once(tmp_path, broker):
@@ -173,6 +202,7 @@ def test_unreachable_broker_fails_fast_naming_the_address(tmp_path, unused_port)
     assert result.returncode == 2
     assert f"no Kafka broker reachable at {address} within 5 s" in result.stderr
     assert time.monotonic() - started < 20
+    assert not load_settings(config).db_path.exists()  # no empty store left behind by a wrong address
 
 
 def test_broker_cli_start_status_stop(tmp_path, unused_port):

@@ -52,6 +52,29 @@ def test_not_json_not_utf8_oversize_null():
         decoder.decode(None)
 
 
+def test_invalid_utf8_is_named_with_its_byte_whatever_msgspec_raises():
+    message = raw(prompt="caf\udce9").replace(b"\\udce9", b"\xe9")
+    position = message.index(b"\xe9")
+    with pytest.raises(InvalidEvent, match=rf"^not valid UTF-8: invalid continuation byte at byte {position}$"):
+        EventDecoder().decode(message)
+    with pytest.raises(InvalidEvent, match=r"^not valid UTF-8: invalid start byte"):
+        EventDecoder().decode(b"\xff{oops")  # both broken: the encoding is named first
+    with pytest.raises(InvalidEvent, match=r"^not valid JSON: "):
+        EventDecoder().decode("{\"prompt\": \"café\"".encode())  # valid UTF-8, truncated JSON
+
+
+@pytest.mark.parametrize("field", ["event_id", "prompt", "response", "model_version"])
+@pytest.mark.parametrize("blank", ["   ", "\t\n", "\u3000\u00a0\u2028"])
+def test_blank_required_text_is_rejected_naming_the_field(field, blank):
+    with pytest.raises(InvalidEvent, match=rf"{field} is blank \(only whitespace\).* - at `\$\.{field}`"):
+        EventDecoder().decode(raw(**{field: blank}))
+
+
+def test_text_with_surrounding_whitespace_lands_unchanged():
+    event = EventDecoder().decode(raw(response="  ok\n", prompt="\u3000hi"))
+    assert (event.response, event.prompt) == ("  ok\n", "\u3000hi")
+
+
 def test_metadata_limit_and_times():
     decoder = EventDecoder(IngestConfig(max_metadata_bytes=20))
     with pytest.raises(InvalidEvent, match="metadata is .* over the 20-byte limit"):
