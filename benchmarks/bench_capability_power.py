@@ -2,7 +2,7 @@
 a model that truly lost 5 points does.
 
     .venv/bin/python benchmarks/bench_capability_power.py [--draws 4000] [--sizes 50,100,150,300]
-        [--discordance 0.05,0.10,0.20] [--tolerance 0.05]
+        [--discordance 0.03,0.06,0.10] [--tolerance 0.04]
 
 Each draw simulates paired per-item scores as ``monitoring.regression.paired_check`` sees them: the reference
 right with probability 0.5 (the largest variance), the candidate answering a share ``discordance`` of items
@@ -60,9 +60,9 @@ def measured_discordance(db: str, run_a: str, run_b: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=4000)
-    parser.add_argument("--sizes", default="50,100,150,300")
-    parser.add_argument("--discordance", default="0.05,0.10,0.20")
-    parser.add_argument("--tolerance", type=float, default=0.05)
+    parser.add_argument("--sizes", default="80,150,200,400")
+    parser.add_argument("--discordance", default="0.03,0.06,0.10")
+    parser.add_argument("--tolerance", type=float, default=0.04)
     parser.add_argument("--measured", default="", help="DB,RUN_A,RUN_B: print the discordance of two stored runs")
     args = parser.parse_args()
     if args.measured:

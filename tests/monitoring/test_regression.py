@@ -71,3 +71,17 @@ def test_lower_is_better_metrics_and_missing_benchmarks():
     assert result.failures[0].benchmark == "wikitext2" and result.failures[0].drop > 0.01
     assert any("piqa: missing" in p for p in result.problems)
     assert "FAILED" in result.summary()
+
+
+def test_a_true_five_point_drop_is_rejected_at_the_demo_sample_size():
+    """The power figures of benchmarks/bench_capability_power.py, small: at the demo's 200 items and the default
+    tolerance, a model that truly lost 5 points passes under 5% of draws; an unchanged one mostly passes."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    from bench_capability_power import simulate
+
+    tolerance = MonitorConfig().tolerance
+    assert simulate(200, 0.06, 0.05, tolerance, draws=400, seed=3) <= 0.05
+    assert simulate(200, 0.03, 0.0, tolerance, draws=400, seed=4) >= 0.85
