@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows import loop, registry  # noqa: E402
+from flows.gate import Gate  # noqa: E402
 from ingest.hh_rlhf import convert  # noqa: E402
 from ingest.landing import Batch, land  # noqa: E402
 from ingest.schema import EventDecoder, encode_event  # noqa: E402
@@ -121,7 +122,7 @@ def main() -> None:
     report(reward, candidate, gate, timings)
 
 
-def report(reward, candidate: registry.Candidate, gate: loop.Gate, timings: dict[str, float]) -> None:
+def report(reward, candidate: registry.Candidate, gate: Gate, timings: dict[str, float]) -> None:
     meta = json.loads((Path(candidate.adapter_path) / "training_meta.json").read_text())
     steps = [json.loads(line) for line in (Path(candidate.adapter_path) / "metrics.jsonl").read_text().splitlines()]
     ev = reward.eval or {}
@@ -142,7 +143,7 @@ def report(reward, candidate: registry.Candidate, gate: loop.Gate, timings: dict
         print(f"held-out prompts ({held['prompts']}, same seed): reward reference {held['reference_reward']:+.3f} -> "
               f"PPO policy {held['policy_reward']:+.3f} (paired gain {held['gain']:+.3f} ± {held['gain_stderr']:.3f} SE); "
               f"policy KL to reference {held['policy_kl']:.3f} nats/sequence")
-    print("\n| benchmark | metric | reference | PPO candidate | delta | allowed drop |")
+    print("\n| benchmark | metric | reference | PPO candidate | delta | drop upper bound < tolerance |")
     print("|---|---|---:|---:|---:|---:|")
     for c in gate.capability["checks"]:
         print(f"| {c['benchmark']} (n={c['n']}) | {c['metric']} | {c['reference']:.4f} | {c['candidate']:.4f} | "
