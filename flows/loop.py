@@ -178,9 +178,7 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
     store = store_of(settings)
     loop = load_section(settings, "flows", LoopConfig)
     candidate = registry.get(store, model_id)
-    incumbent = registry.promoted(store)
-    if incumbent is not None and incumbent.model_version != candidate.model_version:
-        incumbent = None  # another reference's model is not comparable on this snapshot
+    incumbent = registry.incumbent_for(store, candidate)
     incumbent_id = incumbent.model_id if incumbent else None
     stored = candidate.evaluation
     serving = incumbent is not None and incumbent.model_id == candidate.model_id

@@ -91,6 +91,14 @@ def promoted(store: Store) -> Candidate | None:
     return get(store, stack[-1]) if stack and stack[-1] is not None else None
 
 
+def incumbent_for(store: Store, candidate: Candidate) -> Candidate | None:
+    """What ``candidate`` must beat: the promoted model when it was trained on the same model version's feedback,
+    else None (the reference, which is then the serving model itself: a model of another version is not
+    comparable on this candidate's snapshot)."""
+    serving = promoted(store)
+    return serving if serving is not None and serving.model_version == candidate.model_version else None
+
+
 def history(store: Store) -> pl.DataFrame:
     return store.read("SELECT seq, model_id, action, forced, actor, reason, changed_at FROM promotions ORDER BY seq")
 
@@ -114,8 +122,8 @@ def check_promotion(store: Store, model_id: str, *, gate: dict[str, Any] | None,
                            " use --force with --reason to override")
     if forced and not reason:
         raise KtoLoopError("a forced promotion needs --reason (it is recorded with who forced it)")
-    serving = promoted(store)
-    incumbent = serving.model_id if serving and serving.model_version == candidate.model_version else None
+    serving = incumbent_for(store, candidate)
+    incumbent = serving.model_id if serving else None
     if passed and not forced and gate.get("incumbent_id", incumbent) != incumbent:
         raise KtoLoopError(f"{model_id} passed the gate against {gate['incumbent_id'] or 'the reference'}, but "
                            f"{incumbent or 'the reference'} serves now; evaluate it again (`ktoloop models promote`)")
