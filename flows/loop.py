@@ -41,6 +41,9 @@ class LoopConfig:
     """Nightly retrain (cron, server time zone)."""
     monitor_emit_event: bool = True
     """Emit ``kto.drift.detected`` when the monitor finds drift (starts a retrain through the trigger)."""
+    drift_cooldown_s: int = 21_600
+    """After emitting ``kto.drift.detected``, the monitor holds further ones this long (0: no cooldown), so
+    drift that persists on unchanged data starts one retrain, not one per monitor run."""
 
     def __post_init__(self) -> None:
         if self.suite not in ("quick", "full"):
@@ -49,6 +52,8 @@ class LoopConfig:
             raise ConfigError(f"flows.confidence must be in [0.5, 1), got {self.confidence}")
         if min(self.drain_interval_s, self.monitor_interval_s) < 1:
             raise ConfigError("flows.*_interval_s must be >= 1")
+        if self.drift_cooldown_s < 0:
+            raise ConfigError(f"flows.drift_cooldown_s must be >= 0 (0: no cooldown), got {self.drift_cooldown_s}")
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class RetrainOutcome:
     model_id: str | None = None
     gate: dict[str, Any] | None = None
     decision: dict[str, Any] = field(default_factory=dict)
+    already_decided: bool = False
+    """The snapshot, method and config had a standing verdict: nothing was trained or judged again."""
 
 
 def store_of(settings: Settings) -> Store:
@@ -138,16 +145,59 @@ def _train_ppo(settings: Settings, snapshot: Snapshot, reference, method: str, o
 TRAINERS = {"kto": _train_offline, "dpo": _train_offline, "ipo": _train_offline, "ppo": _train_ppo}
 
 
-def train_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate:
-    """Train (or reuse) the candidate for this snapshot, method and config; register it."""
+def _snapshot_and_reference(settings: Settings, snapshot_id: str):
     from training.config import TrainConfig
     from training.reference import reference_for_snapshot
 
     snapshot = load_snapshot(snapshot_id, settings.home_dir)
-    reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir,
-                                       load_section(settings, "training", TrainConfig).reference)
+    return snapshot, reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir,
+                                            load_section(settings, "training", TrainConfig).reference)
+
+
+def candidate_id(settings: Settings, snapshot_id: str, method: str) -> str:
+    """The model id training this snapshot with this method and config produces (method-snapshot-config)."""
+    snapshot, reference = _snapshot_and_reference(settings, snapshot_id)
+    return f"{method}-{snapshot.manifest.snapshot_id}-{TRAINERS[method](settings, snapshot, reference, method, None)}"
+
+
+def decided_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate | None:
+    """The candidate this snapshot, method and config already produced, when what was decided about it still
+    stands: it serves, or it was rejected against the model serving now. None: train or judge it."""
+    store = store_of(settings)
+    candidate = registry.find(store, candidate_id(settings, snapshot_id, method))
+    if candidate is None or candidate.evaluation is None:
+        return None
+    incumbent = _incumbent_for(store, candidate)
+    if incumbent is not None and incumbent.model_id == candidate.model_id:
+        return candidate
+    if candidate.status == "rejected" and _verdict_stands(candidate, incumbent):
+        return candidate
+    return None
+
+
+def _incumbent_for(store: Store, candidate: registry.Candidate) -> registry.Candidate | None:
+    """The model serving now, if it is comparable with ``candidate`` (same model version); None: the reference."""
+    incumbent = registry.promoted(store)
+    if incumbent is not None and incumbent.model_version != candidate.model_version:
+        return None  # another reference's model is not comparable on this snapshot
+    return incumbent
+
+
+def _verdict_stands(candidate: registry.Candidate, incumbent: registry.Candidate | None) -> bool:
+    """A stored verdict is about the model serving when it was reached; it stands while that model serves
+    (or while the candidate itself serves)."""
+    stored = candidate.evaluation
+    if stored is None or "incumbent_id" not in stored:
+        return False
+    serving = incumbent is not None and incumbent.model_id == candidate.model_id
+    return serving or stored["incumbent_id"] == (incumbent.model_id if incumbent else None)
+
+
+def train_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate:
+    """Train (or reuse) the candidate for this snapshot, method and config; register it."""
+    snapshot, reference = _snapshot_and_reference(settings, snapshot_id)
     trainer = TRAINERS[method]
-    model_id = f"{method}-{snapshot.manifest.snapshot_id}-{trainer(settings, snapshot, reference, method, None)}"
+    model_id = candidate_id(settings, snapshot_id, method)
     store = store_of(settings)
     existing = registry.find(store, model_id)
     if existing is not None:
@@ -215,14 +265,10 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
     store = store_of(settings)
     loop = load_section(settings, "flows", LoopConfig)
     candidate = registry.get(store, model_id)
-    incumbent = registry.promoted(store)
-    if incumbent is not None and incumbent.model_version != candidate.model_version:
-        incumbent = None  # another reference's model is not comparable on this snapshot
+    incumbent = _incumbent_for(store, candidate)
     incumbent_id = incumbent.model_id if incumbent else None
-    stored = candidate.evaluation
-    serving = incumbent is not None and incumbent.model_id == candidate.model_id
-    if stored is not None and "incumbent_id" in stored and (serving or stored["incumbent_id"] == incumbent_id):
-        return Gate(**stored)  # the verdict about the model serving now (or the one that promoted it)
+    if _verdict_stands(candidate, incumbent):
+        return Gate(**candidate.evaluation)  # the verdict about the model serving now (or the one that promoted it)
     snapshot = load_snapshot(candidate.snapshot_id, settings.home_dir)
     reference = reference_for_snapshot(candidate.model_version, settings.home_dir, candidate.reference_name)
 

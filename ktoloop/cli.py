@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Prefect reads its settings once, when first imported: what it must see is set before any stage loads
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from an offline box
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -63,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its retries are noise; we report failures ourselves
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from an offline box
     if args.config:  # Prefect flows (in-process or served) load their settings from the same file
         os.environ["KTOLOOP_CONFIG"] = str(Path(args.config).resolve())
     try:
