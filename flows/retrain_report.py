@@ -21,11 +21,12 @@ def retrain_markdown(outcome: dict[str, Any], lineage: dict[str, Any] | None = N
     """``outcome`` is a ``RetrainOutcome`` as a dict; ``lineage`` the candidate's registry fields, if any."""
     d = outcome.get("decision") or {}
     head = outcome["status"].upper() + (" (already decided)" if outcome.get("already_decided") else "")
-    lines = [f"## Retrain ({outcome['trigger']}): {head}", "", outcome["reason"], "",
+    gate = outcome.get("gate")
+    reason = [] if gate and outcome["reason"] == gate["summary"] else [outcome["reason"], ""]  # else shown below
+    lines = [f"## Retrain ({outcome['trigger']}): {head}", "", *reason,
              f"**Snapshot** `{outcome.get('snapshot_id')}`; **decision**: "
              + (f"train with {str(d.get('method')).upper()}" if d.get("train") else "no training")]
     lines += [f"- {r}" for r in d.get("reasons", [])] + [f"- warning: {w}" for w in d.get("warnings", [])]
-    gate = outcome.get("gate")
     if gate:
         p = gate["preference"]
         lines += ["", f"### Preference vs {gate.get('incumbent_id') or 'the reference'} (paired one-sided t test)", ""]

@@ -60,7 +60,7 @@ def start_local_server(home: Path, port: int, timeout_s: float = 90.0) -> subpro
             probe.bind(("127.0.0.1", port))
         except OSError:
             raise KtoLoopError(f"port 127.0.0.1:{port} is in use; pass --api-port with a free port, or set "
-                               f"PREFECT_API_URL={local_api_url(port)} if a Prefect server already runs there") from None
+                               f"PREFECT_API_URL={local_api_url(port)} if a Prefect server runs there") from None
     env = {k: v for k, v in os.environ.items() if k not in _SERVER_ENV_DROPPED}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port),
                PREFECT_UI_API_URL=local_api_url(port))  # else the UI calls :4200 whatever --port says
@@ -125,7 +125,7 @@ def check_api(api_url: str) -> None:
                            "unset PREFECT_API_URL to let `ktoloop serve` start one on 127.0.0.1")
 
 
-def _stop(signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+def _stop(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
