@@ -230,9 +230,9 @@ def _retrain(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from flows.prefect_flows import serve_forever
+    from flows.serving import serve_deployments
 
-    serve_forever(settings, api_port=args.api_port)
+    serve_deployments(settings, api_port=args.api_port)
     return 0
 
 

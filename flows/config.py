@@ -55,6 +55,9 @@ class LoopConfig:
     """Nightly retrain (cron, server time zone)."""
     monitor_emit_event: bool = True
     """Emit ``kto.drift.detected`` when the monitor finds drift (starts a retrain through the trigger)."""
+    drift_cooldown_s: int = 21_600
+    """After emitting ``kto.drift.detected``, the monitor holds further ones this long (0: no cooldown), so
+    drift that persists on unchanged data starts one retrain, not one per monitor run."""
 
     def __post_init__(self) -> None:
         if self.suite not in ("quick", "full"):
@@ -63,3 +66,5 @@ class LoopConfig:
             raise ConfigError(f"flows.confidence must be in [0.5, 1), got {self.confidence}")
         if min(self.drain_interval_s, self.monitor_interval_s) < 1:
             raise ConfigError("flows.*_interval_s must be >= 1")
+        if self.drift_cooldown_s < 0:
+            raise ConfigError(f"flows.drift_cooldown_s must be >= 0 (0: no cooldown), got {self.drift_cooldown_s}")

@@ -35,6 +35,8 @@ class RetrainOutcome:
     model_id: str | None = None
     gate: dict[str, Any] | None = None
     decision: dict[str, Any] = field(default_factory=dict)
+    already_decided: bool = False
+    """The snapshot, method and config had a standing verdict: nothing was trained or judged again."""
 
 
 def store_of(settings: Settings) -> Store:
@@ -111,15 +113,51 @@ def _train_ppo(settings: Settings, snapshot: Snapshot, reference, method: str, o
 TRAINERS = {"kto": _train_offline, "dpo": _train_offline, "ipo": _train_offline, "ppo": _train_ppo}
 
 
-def train_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate:
-    """Train (or reuse) the candidate for this snapshot, method and config; register it."""
+def _snapshot_and_reference(settings: Settings, snapshot_id: str):
+    """The snapshot and its reference: the model that produced the feedback (and initialises the candidate),
+    found by its version, so every generation trains from the model that served it."""
     from training.reference import reference_for_snapshot
 
     snapshot = load_snapshot(snapshot_id, settings.home_dir)
-    # the model that produced the feedback is the reference (and the initialisation): found by its version
-    reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir)
+    return snapshot, reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir)
+
+
+def candidate_id(settings: Settings, snapshot_id: str, method: str) -> str:
+    """The model id training this snapshot with this method and config produces (method-snapshot-config)."""
+    snapshot, reference = _snapshot_and_reference(settings, snapshot_id)
+    return f"{method}-{snapshot.manifest.snapshot_id}-{TRAINERS[method](settings, snapshot, reference, method, None)}"
+
+
+def decided_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate | None:
+    """The candidate this snapshot, method and config already produced, when what was decided about it still
+    stands: it serves, or it was rejected against the model serving now. None: train or judge it."""
+    store = store_of(settings)
+    candidate = registry.find(store, candidate_id(settings, snapshot_id, method))
+    if candidate is None or candidate.evaluation is None:
+        return None
+    incumbent = registry.incumbent_for(store, candidate)
+    if incumbent is not None and incumbent.model_id == candidate.model_id:
+        return candidate
+    if candidate.status == "rejected" and _verdict_stands(candidate, incumbent):
+        return candidate
+    return None
+
+
+def _verdict_stands(candidate: registry.Candidate, incumbent: registry.Candidate | None) -> bool:
+    """A stored verdict is about the model serving when it was reached; it stands while that model serves
+    (or while the candidate itself serves)."""
+    stored = candidate.evaluation
+    if stored is None or "incumbent_id" not in stored:
+        return False
+    serving = incumbent is not None and incumbent.model_id == candidate.model_id
+    return serving or stored["incumbent_id"] == (incumbent.model_id if incumbent else None)
+
+
+def train_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate:
+    """Train (or reuse) the candidate for this snapshot, method and config; register it."""
+    snapshot, reference = _snapshot_and_reference(settings, snapshot_id)
     trainer = TRAINERS[method]
-    model_id = f"{method}-{snapshot.manifest.snapshot_id}-{trainer(settings, snapshot, reference, method, None)}"
+    model_id = candidate_id(settings, snapshot_id, method)
     store = store_of(settings)
     existing = registry.find(store, model_id)
     if existing is not None:
@@ -173,6 +211,7 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
     from monitoring.config import load_monitor_config
     from monitoring.regression import check_regression
     from training.config import TrainConfig
+    from training.evaluate import heldout_method
     from training.reference import reference_for_snapshot
 
     store = store_of(settings)
@@ -180,10 +219,8 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
     candidate = registry.get(store, model_id)
     incumbent = registry.incumbent_for(store, candidate)
     incumbent_id = incumbent.model_id if incumbent else None
-    stored = candidate.evaluation
-    serving = incumbent is not None and incumbent.model_id == candidate.model_id
-    if stored is not None and "incumbent_id" in stored and (serving or stored["incumbent_id"] == incumbent_id):
-        return Gate(**stored)  # the verdict about the model serving now (or the one that promoted it)
+    if _verdict_stands(candidate, incumbent):
+        return Gate(**candidate.evaluation)  # the verdict about the model serving now (or the one that promoted it)
     snapshot = load_snapshot(candidate.snapshot_id, settings.home_dir)
     reference = reference_for_snapshot(candidate.model_version, settings.home_dir, candidate.reference_name)
 
@@ -193,8 +230,6 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
     offline = load_section(settings, "training", TrainConfig)
     mine = candidate.metrics
     config = dataclasses.replace(offline, method=mine.get("method", offline.method), beta=mine.get("beta", offline.beta))
-    from training.evaluate import heldout_method
-
     if heldout_method(snapshot, config.method) is None:
         raise KtoLoopError(f"snapshot {candidate.snapshot_id} has no held-out split to gate {model_id} on; "
                            f"raise dataset.holdout_fraction")

@@ -8,20 +8,48 @@ and ``ktoloop retrain --now`` read the same configuration.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
+from prefect.logging.handlers import APILogHandler
 
-from flows import loop
-from ktoloop.config import Settings, load_section, load_settings
+from flows import drift_trigger, loop, registry
+from flows.retrain_report import ARTIFACT_KEY, retrain_markdown
+from ktoloop.config import load_section, load_settings
 from ktoloop.errors import TransientError
 
 log = logging.getLogger(__name__)
 
 DRIFT_EVENT = "kto.drift.detected"
 MONITOR_RESOURCE = {"prefect.resource.id": "ktoloop.monitor", "prefect.resource.name": "kto-loop monitor"}
+KTOLOOP_LOGGERS = ("ingest", "training", "flows", "monitoring", "ktoloop")
+"""kto-loop logs through plain ``logging`` under these names (ingest counts, training steps, benchmarks)."""
+
+
+def _in_a_run(record: logging.LogRecord) -> bool:
+    return bool(getattr(record, "flow_run_id", None) or FlowRunContext.get() or TaskRunContext.get())
+
+
+def send_logs_to_runs() -> None:
+    """Attach kto-loop's loggers to Prefect's API log handler, so their lines show on the flow run that
+    logged them. Done here, not through PREFECT_LOGGING_EXTRA_LOGGERS, which Prefect reads only when first
+    imported; and INFO is let through where the root level is Prefect's WARNING (a served run's process)."""
+    for name in KTOLOOP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+            handler = APILogHandler()
+            handler.addFilter(_in_a_run)  # outside a run, a line stays on the console only
+            logger.addHandler(handler)
+        if logger.level == logging.NOTSET and logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+send_logs_to_runs()
 
 
 def _transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature
@@ -95,14 +123,28 @@ def promote_flow(model_id: str) -> bool:
 
 @flow(name="monitor", log_prints=True)
 def monitor_flow() -> dict[str, Any]:
-    """Drift report + dashboard; on drift, emit ``kto.drift.detected`` (the trigger starts a retrain)."""
+    """Drift report + dashboard; on drift, emit ``kto.drift.detected`` (the trigger starts a retrain), at
+    most once per ``[flows] drift_cooldown_s``."""
+    settings = load_settings()
+    config = load_section(settings, "flows", loop.LoopConfig)
     report = monitor_task()
     finding = report.finding
-    if finding.drifted and load_section(load_settings(), "flows", loop.LoopConfig).monitor_emit_event:
-        emit_event(event=DRIFT_EVENT, resource=MONITOR_RESOURCE,
-                   payload={"reason": "drift: " + "; ".join(finding.reasons), "finding": finding.to_dict()})
-        print(f"drift detected, {DRIFT_EVENT} emitted: {finding.reasons}")
-    return {"drifted": finding.drifted, "reasons": finding.reasons, "html": str(report.html)}
+    emitted = False
+    if finding.drifted and config.monitor_emit_event:
+        state, now = drift_trigger.state_file(settings.home_dir), dt.datetime.now(dt.timezone.utc)
+        held = drift_trigger.held_until(state, config.drift_cooldown_s, now)
+        if held is not None:
+            print(f"drift persists ({'; '.join(finding.reasons)}); {DRIFT_EVENT} not emitted: one was sent at "
+                  f"{drift_trigger.last_emission(state)['emitted_at']}, cooldown until {held.isoformat()} "
+                  f"([flows] drift_cooldown_s = {config.drift_cooldown_s})")
+        else:
+            emit_event(event=DRIFT_EVENT, resource=MONITOR_RESOURCE,
+                       payload={"reason": "drift: " + "; ".join(finding.reasons), "finding": finding.to_dict()})
+            drift_trigger.record_emission(state, now, finding.to_dict())
+            emitted = True
+            print(f"drift detected, {DRIFT_EVENT} emitted: {finding.reasons}")
+    return {"drifted": finding.drifted, "reasons": finding.reasons, "event_emitted": emitted,
+            "html": str(report.html)}
 
 
 @flow(name="retrain", log_prints=True)
@@ -118,14 +160,38 @@ def retrain_flow(reason: str = "manual", method: str | None = None) -> dict[str,
     if not decision.train:
         outcome = loop.RetrainOutcome("skipped", "; ".join(decision.reasons), reason, snapshot_id,
                                       decision=decision.to_dict())
-        return dataclasses.asdict(outcome)
+        return _published(outcome)
+    prior = loop.decided_candidate(settings, snapshot_id, decision.method)
+    if prior is not None:  # same data, method and config, and the verdict still stands: say so, redo nothing
+        current = registry.promoted(loop.store_of(settings))
+        serving = current is not None and current.model_id == prior.model_id
+        line = (f"same snapshot {snapshot_id} and config, already decided: {prior.model_id} "
+                f"{'serves' if serving else 'rejected'}; {prior.evaluation['summary']}")
+        print(line)
+        outcome = loop.RetrainOutcome("promoted" if serving else "rejected", line, reason, snapshot_id,
+                                      prior.model_id, prior.evaluation, decision.to_dict(), already_decided=True)
+        return _published(outcome, prior)
     candidate = train_task(snapshot_id, decision.method)
     gate = evaluate_task(candidate.model_id)
     promoted = promote_task(candidate.model_id, gate)
     print(f"{candidate.model_id}: {'PROMOTED' if promoted else 'rejected'}; {gate.summary}")
     outcome = loop.RetrainOutcome("promoted" if promoted else "rejected", gate.summary, reason, snapshot_id,
                                   candidate.model_id, gate.to_dict(), decision.to_dict())
-    return dataclasses.asdict(outcome)
+    return _published(outcome, candidate)
+
+
+def _published(outcome: loop.RetrainOutcome, candidate: registry.Candidate | None = None) -> dict[str, Any]:
+    """The outcome as a dict, also published as the run's ``retrain-gate`` Markdown artifact."""
+    result = dataclasses.asdict(outcome)
+    lineage = None
+    if candidate is not None:
+        lineage = {"model": candidate.model_id, "method": candidate.method, "snapshot": candidate.snapshot_id,
+                   "snapshot sha256": candidate.snapshot_sha256, "reference": candidate.reference_name,
+                   "reference sha256": candidate.reference_sha256, "model version": candidate.model_version,
+                   "adapter": candidate.adapter_path}
+    create_markdown_artifact(markdown=retrain_markdown(result, lineage), key=ARTIFACT_KEY,
+                             description=f"retrain {outcome.status}: {outcome.reason[:200]}")
+    return result
 
 
 def run_retrain_now(*, reason: str = "manual", method: str | None = None) -> dict[str, Any]:
@@ -133,9 +199,3 @@ def run_retrain_now(*, reason: str = "manual", method: str | None = None) -> dic
     served run it loads its settings from ``$KTOLOOP_CONFIG``, which the CLI sets from ``--config``."""
     return retrain_flow(reason=reason, method=method)
 
-
-def serve_forever(settings: Settings, api_port: int = 4200) -> None:
-    """Serve drain / monitor / retrain with their schedules and the drift trigger (see ``flows.serving``)."""
-    from flows.serving import serve_deployments
-
-    serve_deployments(settings, api_port=api_port)

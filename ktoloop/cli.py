@@ -71,6 +71,10 @@ def existing_store(settings: Settings):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Prefect reads its settings once, when first imported: what it must see is set before any stage loads
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from an offline box
+    # the in-process (ephemeral) API server needs more than Prefect's 20 s to start on 2 busy cores
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -81,9 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)  # its retries are noise; we report failures ourselves
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from an offline box
-    # the in-process (ephemeral) API server needs more than Prefect's 20 s to start on 2 busy cores
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if args.config:  # Prefect flows (in-process or served) load their settings from the same file
         os.environ["KTOLOOP_CONFIG"] = str(Path(args.config).resolve())
     try:

@@ -107,6 +107,8 @@ def test_retrain_rejects_a_planted_regression_then_promotes_a_good_candidate(har
     started = time.monotonic()
     again = retrain_flow(reason="test")
     assert again["model_id"] == bad["model_id"] and again["status"] == "rejected"
+    assert again["already_decided"] and f"same snapshot {bad['snapshot_id']} and config, already decided" \
+        in again["reason"]
     assert time.monotonic() - started < 30
 
     monkeypatch.setenv("KTOLOOP_CONFIG", str(write_config(loop_home, lr=2e-3)))
@@ -163,7 +165,8 @@ def test_not_enough_data_completes_with_its_reason(harness, loop_home, monkeypat
     assert "usable training examples" in outcome["reason"] and "< 500; no training" in outcome["reason"]
 
 
-def test_drift_event_from_the_monitor_starts_a_retrain_with_the_reason(harness, loop_home, monkeypatch):
+def test_drift_event_from_the_monitor_starts_one_retrain_and_unchanged_drift_waits_out_the_cooldown(
+        harness, loop_home, monkeypatch, capsys):
     from prefect import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
@@ -181,13 +184,21 @@ def test_drift_event_from_the_monitor_starts_a_retrain_with_the_reason(harness, 
     time.sleep(1)  # let the server load the new automation
 
     result = monitor_flow()
-    assert result["drifted"], result
+    assert result["drifted"] and result["event_emitted"], result
+    again = monitor_flow()  # the same drifted data an hour later: within [flows] drift_cooldown_s (6 h)
+    assert again["drifted"] and not again["event_emitted"], again
+    assert "kto.drift.detected not emitted" in capsys.readouterr().err  # log_prints: the run's log
     runs = []
     with get_client(sync_client=True) as client:
+        def read():
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
         deadline = time.monotonic() + 60
         while not runs and time.monotonic() < deadline:
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            runs = read()
             time.sleep(0.3)
+        time.sleep(5)  # a second event would have started its run by now
+        runs = read()
     assert len(runs) == 1
     assert runs[0].parameters["reason"].startswith("drift: thumbs_up_rate")
 
