@@ -38,11 +38,12 @@ def retrain_markdown(outcome: dict[str, Any], lineage: dict[str, Any] | None = N
         if p.get("guard_stop"):
             lines += ["", f"Stopped by a guard: {p['guard_stop']}"]
         c = gate["capability"]
-        lines += ["", f"### Capability vs the reference: {'ok' if c['passed'] else 'REGRESSION'}", ""]
-        lines += _table(["benchmark", "metric", "n", "reference", "candidate", "drop", "allowed drop", "verdict"],
+        lines += ["", f"### Capability vs the reference (non-inferiority): {'ok' if c['passed'] else 'REGRESSION'}", ""]
+        lines += _table(["benchmark", "metric", "n", "reference", "candidate", "drop", "upper bound", "tolerance",
+                         "verdict"],
                         [[k["benchmark"], k["metric"], k["n"], _num(k["reference"], "{:.4f}"),
-                          _num(k["candidate"], "{:.4f}"), _num(k["drop"]), _num(k["allowed_drop"], "{:.4f}"),
-                          "ok" if k["passed"] else "REGRESSION"] for k in c["checks"]])
+                          _num(k["candidate"], "{:.4f}"), _num(k["drop"]), _num(k["upper_bound"], "{:+.4f}"),
+                          _num(k["tolerance"], "{:.4f}"), "ok" if k["passed"] else "REGRESSION"] for k in c["checks"]])
         lines += [f"- problem: {x}" for x in c.get("problems", [])]
         lines += ["", f"Gate: `{gate['summary']}`"]
     if lineage:
