@@ -63,11 +63,11 @@ def report_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def ui_command(args: argparse.Namespace, settings: Settings) -> int:
-    from monitoring.config import monitoring_dir
+    from monitoring.config import load_monitor_config, monitoring_dir
     from monitoring.workspace import open_project
 
     workspace = monitoring_dir(settings) / "workspace"
-    open_project(workspace)  # so the dashboard exists before the first report
+    open_project(workspace, load_monitor_config(settings))  # so the dashboard exists before the first report
     exe = shutil.which("evidently", path=os.path.dirname(sys.executable)) or shutil.which("evidently")
     if exe is None:
         raise KtoLoopError("the `evidently` command is not installed in this environment (pip install evidently)")
@@ -83,18 +83,17 @@ def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
     from ktoloop.store import Store
     from monitoring.config import load_monitor_config, monitoring_dir
     from monitoring.harness import run_suite
-    from monitoring.reports import capability_snapshot
-    from monitoring.workspace import log_run
+    from monitoring.reports import log_evaluation
 
     base = args.base
     if base is None:
         from training.modeling import materialize_smollm2
 
         base = materialize_smollm2(Path.home() / ".cache" / "ktoloop" / "smollm2-135m-instruct")
-    run = run_suite(base, args.adapter, suite=args.suite, benchmarks=args.benchmarks,
-                    config=load_monitor_config(settings), store=Store(settings.db_path, settings.store.lock_timeout_s),
+    config, store = load_monitor_config(settings), Store(settings.db_path, settings.store.lock_timeout_s)
+    run = run_suite(base, args.adapter, suite=args.suite, benchmarks=args.benchmarks, config=config, store=store,
                     model_id=args.model_id, device=args.device)
-    log_run(monitoring_dir(settings) / "workspace", capability_snapshot(run))
+    log_evaluation(store, monitoring_dir(settings) / "workspace", run.run_id, config)
     print(f"run {run.run_id}  model {run.model_id}  suite {run.suite}")
     print(f"{'benchmark':<14}{'metric':<17}{'value':>9}{'stderr':>9}{'n':>7}")
     for bench, metric, value, stderr, n in run.table():
