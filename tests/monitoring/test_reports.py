@@ -85,8 +85,14 @@ def test_two_reports_fill_the_workspace_and_its_panels(three_weeks, tmp_path):
     second = drift_report(three_weeks, out, reference=Window(T0 + WEEK, T0 + 2 * WEEK),
                           current=Window(T0 + 2 * WEEK, T0 + 3 * WEEK), workspace=ws)
     assert not first.finding.drifted and second.finding.drifted
-    for report in (first, second):
-        assert report.html.stat().st_size > 10_000 and "<html" in report.html.read_text()[:2000].lower()
+    for report, current, size in ((first, "2025-03-08 00:00 → 2025-03-15 00:00 UTC", "5,000"),
+                                  (second, "2025-03-15 00:00 → 2025-03-22 00:00 UTC", "5,600")):
+        text = report.html.read_text()
+        assert report.html.stat().st_size > 10_000 and "<html" in text[:2000].lower()
+        verdict = "DRIFT: thumbs-up rate 0.700 → 0.607" if report.finding.drifted else "No drift"
+        assert f"<title>kto-loop drift report: {verdict}" in text[:3000]  # the first view: verdict and windows
+        header = text[text.index("<header"):text.index("</header>")]
+        assert verdict in header and f"<td>{current}</td><td style='text-align:right'>{size}</td>" in header
         metrics = json.loads(report.json.read_text())["metrics"]
         finding = json.loads(report.finding_json.read_text())
         # the Evidently metric recomputes the finding's p-value from the same counts
