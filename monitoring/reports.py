@@ -108,8 +108,8 @@ def drift_report(store: Store, out_dir: Path, *, reference: Window | None = None
     return DriftReport(finding, html, report_json, finding_json, snapshot_id)
 
 
-_TEST_WORDS = {"thumbs_up_rate": "thumbs-up rate", "prompt_length": "mean prompt length (chars)",
-               "response_length": "mean response length (chars)", "unseen_prompt_share": "unseen-prompt share",
+_TEST_WORDS = {"thumbs_up_rate": "thumbs-up rate", "prompt_length": "mean prompt length in chars",
+               "response_length": "mean response length in chars", "unseen_prompt_share": "unseen-prompt share",
                "rejection_rate": "rejected share (by receipt time)"}
 
 
@@ -130,7 +130,8 @@ def _test_words(t: DriftTest) -> str:
     if t.p_value is None:
         judged = f"not tested (fewer than the minimum rows: {t.n_reference:,} / {t.n_current:,})"
     else:
-        judged = f"p = {t.p_value:.2g}, {'DRIFT' if t.drifted else 'no drift'}"
+        p = "p < 1e-300" if t.p_value == 0 else f"p = {t.p_value:.2g}"
+        judged = f"{p}, {'DRIFT' if t.drifted else 'no drift'}"
     return f"{_TEST_WORDS[t.name]} ({where}{vs}): {_value(t.reference)} → {_value(t.current)}, {judged}"
 
 
@@ -138,7 +139,9 @@ def verdict_words(finding: DriftFinding) -> tuple[str, list[str]]:
     """(headline, one line per fact): the verdict, the windows and their sizes, and each test, in words."""
     overall = next((t for t in finding.tests if t.name == "thumbs_up_rate" and t.scope == ALL), None)
     n_ref, n_cur = (overall.n_reference, overall.n_current) if overall else (0, 0)
-    drifted = [t for t in finding.tests if t.drifted]
+    versions = {t.scope for t in finding.tests if t.name == "thumbs_up_rate" and t.scope != ALL}
+    # with one model version its tests repeat the all-versions ones: say them once
+    drifted = [t for t in finding.tests if t.drifted and (t.scope == ALL or len(versions) > 1)]
     if drifted:
         title = "DRIFT: " + "; ".join(f"{_TEST_WORDS[t.name]} {_value(t.reference)} → {_value(t.current)}"
                                       + ("" if t.scope == ALL else f" (model version {t.scope})")
@@ -152,8 +155,11 @@ def verdict_words(finding: DriftFinding) -> tuple[str, list[str]]:
     lines += [_test_words(t) for t in drifted]
     quiet = sorted({_TEST_WORDS[t.name] for t in finding.tests if t.p_value is not None and not t.drifted
                     and t.scope == ALL})
+    untested = sorted({_TEST_WORDS[t.name] for t in finding.tests if t.p_value is None and t.scope == ALL})
     if quiet:
         lines.append("no drift in " + ", ".join(quiet))
+    if untested:
+        lines.append("too few rows to test " + ", ".join(untested))
     return title, lines
 
 
