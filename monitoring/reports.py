@@ -18,8 +18,15 @@ import polars as pl
 
 from ktoloop.store import Store
 from monitoring.config import MonitorConfig
-from monitoring.drift import (ALL, DriftFinding, DriftTest, Window, default_receipt_windows, default_windows,
-                              drift_finding)
+from monitoring.drift import (
+    ALL,
+    DriftFinding,
+    DriftTest,
+    Window,
+    default_receipt_windows,
+    default_windows,
+    drift_finding,
+)
 
 
 @dataclass(frozen=True)

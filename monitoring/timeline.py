@@ -96,7 +96,7 @@ def buckets(store: Store, counts: pl.DataFrame, reference: Window, current: Wind
             config: MonitorConfig) -> list[Bucket]:
     """The newest ``dashboard_buckets`` buckets of each clock; ``counts`` is the report's count table, whose
     whole-window thumbs-up counts go into the event buckets that overlap each window."""
-    width = int(round(config.bucket_hours * 3600e6))
+    width = round(config.bucket_hours * 3600e6)
     params = {"w": width, "n": config.dashboard_buckets}
     with store.reader() as con:
         tables = {EVENT: con.sql(_EVENT_SQL, params=params).pl(), RECEIPT: con.sql(_RECEIPT_SQL, params=params).pl()}

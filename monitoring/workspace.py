@@ -20,8 +20,8 @@ PROJECT_DESCRIPTION = "Production feedback (thumbs-up rate, drift) and capabilit
 _NAMESPACE = uuid.UUID("6f1c3d9e-4b0a-4c55-9a43-2f1e0d7b8a61")
 VERDICT_PANEL = uuid.uuid5(_NAMESPACE, "panel:verdict")
 """Id of the text panel that says the latest drift verdict in words (``stable_id("panel", "verdict")``)."""
-NO_VERDICT = ("Drift verdict: no report yet", "Run `ktoloop monitor report` (or the monitor flow) to compare two "
-                                               "windows of landed feedback.")
+NO_VERDICT = ("Drift verdict: no report yet",
+              "Run `ktoloop monitor report` (or the monitor flow) to compare two windows of landed feedback.")
 
 
 def stable_id(*parts: str) -> uuid.UUID:
@@ -42,7 +42,8 @@ def _panels(config: MonitorConfig, verdict: tuple[str, str], benchmarks: list[tu
         return panel
 
     per, event, receipt = bucket_words(config), [tag(EVENT, config)], [tag(RECEIPT, config)]
-    # a series takes the legend of the first value whose labels it matches: specific values come first
+    # a series takes the legend of the first value whose labels it matches: specific values come first.
+    # Bars where one point is common: a line chart of a single value labels its only gridline with it, rounded
     panels = [
         text_panel(*verdict),
         text_panel("Feedback", "Landed feedback by event time (when the thumbs were given), one point per "
@@ -59,7 +60,7 @@ def _panels(config: MonitorConfig, verdict: tuple[str, str], benchmarks: list[tu
         bar_plot_panel(f"Feedback events per {per} (event time)",
                        [metric("EventCount", "events, all model versions", event, stat="label", scope="*")],
                        size="full"),
-        line_plot_panel(f"Rejected share per {per} (receipt time)",
+        bar_plot_panel(f"Rejected share per {per} (receipt time)",
                         [metric("FeedbackShare", "rejected share", receipt,
                                 stat="rejected")],
                         description="Dead letters / messages received. Dead letters have no event time, so both "
@@ -69,12 +70,12 @@ def _panels(config: MonitorConfig, verdict: tuple[str, str], benchmarks: list[tu
         text_panel("Drift", "One point per drift report (at the end of its current window). Drift needs "
                             f"p < {config.alpha:g} and a large enough change (thumbs-up rate by "
                             f"{config.min_rate_change:g}, a length by a KS distance of {config.min_ks_distance:g})."),
-        line_plot_panel("Drift p-values of the shares (two-proportion z-test)", [
+        bar_plot_panel("Drift p-values of the shares (two-proportion z-test)", [
             metric("ShareDriftPValue", "thumbs-up rate, all model versions", ["drift"], stat="label", scope="*"),
             metric("ShareDriftPValue", "rejected share", ["drift"], stat="rejected"),
             metric("ShareDriftPValue", "thumbs-up rate, model version {{scope}}", ["drift"], stat="label"),
         ], size="half"),
-        line_plot_panel("Drift p-values of the lengths (Kolmogorov-Smirnov)", [
+        bar_plot_panel("Drift p-values of the lengths (Kolmogorov-Smirnov)", [
             metric("DistributionDriftPValue", "prompt length, all model versions", ["drift"], stat="prompt_length",
                    scope="*"),
             metric("DistributionDriftPValue", "response length, all model versions", ["drift"],
