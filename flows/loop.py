@@ -173,20 +173,21 @@ def train_candidate(settings: Settings, snapshot_id: str, method: str) -> regist
 
 
 def capability_run(settings: Settings, reference, candidate: registry.Candidate | None) -> str:
-    """Run (or reuse) the capability suite on the reference or a candidate; returns the stored run id."""
-    from monitoring.config import load_monitor_config
+    """Run (or reuse) the capability suite on the reference or a candidate and log it to the Evidently
+    workspace (the dashboard's capability panels); returns the stored run id."""
+    from monitoring.config import load_monitor_config, monitoring_dir
     from monitoring.harness import latest_run_id, run_suite
+    from monitoring.reports import log_evaluation
 
     loop = load_section(settings, "flows", LoopConfig)
-    store = store_of(settings)
+    config, store = load_monitor_config(settings), store_of(settings)
     model_id = candidate.model_id if candidate else f"reference:{reference.name}:{reference.sha256[:12]}"
-    existing = latest_run_id(store, model_id, loop.suite)
-    if existing is not None:
-        return existing
-    base, adapter = lineage.model_dirs(reference.path, candidate)
-    run = run_suite(base, adapter, suite=loop.suite, config=load_monitor_config(settings), store=store,
-                    model_id=model_id)
-    return run.run_id
+    run_id = latest_run_id(store, model_id, loop.suite)
+    if run_id is None:
+        base, adapter = lineage.model_dirs(reference.path, candidate)
+        run_id = run_suite(base, adapter, suite=loop.suite, config=config, store=store, model_id=model_id).run_id
+    log_evaluation(store, monitoring_dir(settings) / "workspace", run_id, config)  # a reused run too: same id
+    return run_id
 
 
 def heldout_preference(settings: Settings, snapshot: Snapshot, reference, candidate: registry.Candidate | None,

@@ -65,11 +65,11 @@ def report_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def ui_command(args: argparse.Namespace, settings: Settings) -> int:
-    from monitoring.config import monitoring_dir
+    from monitoring.config import load_monitor_config, monitoring_dir
     from monitoring.workspace import open_project
 
     workspace = monitoring_dir(settings) / "workspace"
-    open_project(workspace)  # so the dashboard exists before the first report
+    open_project(workspace, load_monitor_config(settings))  # so the dashboard exists before the first report
     exe = shutil.which("evidently", path=os.path.dirname(sys.executable)) or shutil.which("evidently")
     if exe is None:
         raise KtoLoopError("the `evidently` command is not installed in this environment (pip install evidently)")
@@ -84,8 +84,7 @@ def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
     from ktoloop.tables import format_table
     from monitoring.config import load_monitor_config, monitoring_dir
     from monitoring.harness import run_suite
-    from monitoring.reports import capability_snapshot
-    from monitoring.workspace import log_run
+    from monitoring.reports import log_evaluation
 
     base, model_id = args.base, args.model_id
     if base is None:  # the pinned reference, never a fresh copy of the model
@@ -93,10 +92,10 @@ def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
         base = reference.path
         if model_id is None and args.adapter is None:  # the id the retrain flow stores the reference's runs under
             model_id = f"reference:{reference.name}:{reference.sha256[:12]}"
-    run = run_suite(base, args.adapter, suite=args.suite, benchmarks=args.benchmarks,
-                    config=load_monitor_config(settings), store=Store(settings.db_path, settings.store.lock_timeout_s),
+    config, store = load_monitor_config(settings), Store(settings.db_path, settings.store.lock_timeout_s)
+    run = run_suite(base, args.adapter, suite=args.suite, benchmarks=args.benchmarks, config=config, store=store,
                     model_id=model_id, device=args.device)
-    log_run(monitoring_dir(settings) / "workspace", capability_snapshot(run))
+    log_evaluation(store, monitoring_dir(settings) / "workspace", run.run_id, config)
     print(f"run {run.run_id}  model {run.model_id}  suite {run.suite}")
     print(format_table(["benchmark", "metric", "value", "stderr", "n"], run.table()))
     return 0

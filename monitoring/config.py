@@ -50,6 +50,10 @@ class MonitorConfig:
     """Flag drift when more than this share of current prompts never appeared before (1.0 = never flag)."""
     window_days: float = 7.0
     """Default window length when ``monitor report`` is given no windows."""
+    bucket_hours: float = 24.0
+    """The dashboard's time step (24 = one point a day): feedback by event time, dead letters by receipt time."""
+    dashboard_buckets: int = 120
+    """Each report refreshes the newest this many buckets in the workspace; older ones stay as logged."""
 
     def __post_init__(self) -> None:
         if self.batch_tokens < 64:
@@ -72,6 +76,11 @@ class MonitorConfig:
             raise ConfigError(f"monitoring.max_unseen_prompt_share must be in [0, 1], got {self.max_unseen_prompt_share}")
         if self.window_days <= 0:
             raise ConfigError(f"monitoring.window_days must be > 0, got {self.window_days}")
+        if not 1 / 60 <= self.bucket_hours <= 24 * 31:
+            raise ConfigError(f"monitoring.bucket_hours must be between 1/60 (a minute) and 744 (31 days), "
+                              f"got {self.bucket_hours}")
+        if self.dashboard_buckets < 1:
+            raise ConfigError(f"monitoring.dashboard_buckets must be >= 1, got {self.dashboard_buckets}")
 
     def tolerance_for(self, benchmark: str) -> float:
         return self.tolerances.get(benchmark, self.tolerance)

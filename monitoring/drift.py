@@ -1,7 +1,8 @@
 """Preference drift between a reference and a current window of landed feedback, as a structured finding.
 
 DuckDB aggregates the rows into counts (label, prompt/response length, unseen prompts, per model version and
-overall; dead letters overall); the tests in ``monitoring.stats`` run on those counts, and ``is_drift`` says
+overall; dead letters overall). Dead letters have no event time, so the rejection test counts dead letters and
+landed events alike by the time they were received, in its own (receipt-time) windows; the tests in ``monitoring.stats`` run on those counts, and ``is_drift`` says
 which results are drift. The same count table and ``is_drift`` feed the Evidently report's tests, so the report
 and the finding the flows act on cannot disagree.
 """
@@ -9,6 +10,7 @@ and the finding the flows act on cannot disagree.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -108,17 +110,35 @@ def default_windows(store: Store, days: float) -> tuple[Window, Window]:
     latest = store.scalar("SELECT max(event_time) FROM feedback")
     if latest is None:
         raise KtoLoopError(f"no feedback in {store.path}; nothing to compare (run `ktoloop ingest` first)")
+    return _windows_ending(latest, days)
+
+
+def default_receipt_windows(store: Store, days: float) -> tuple[Window, Window] | None:
+    """The rejection test's default windows: like ``default_windows``, but ending at the newest message received
+    (a backfill's events are received long after they happened). None when nothing was received."""
+    latest = store.scalar("SELECT greatest((SELECT max(received_at) FROM dead_letters), "
+                          "(SELECT max(ingested_at) FROM feedback))")
+    return None if latest is None else _windows_ending(latest, days)
+
+
+def _windows_ending(latest: dt.datetime, days: float) -> tuple[Window, Window]:
     end = latest + dt.timedelta(microseconds=1)
     span = dt.timedelta(days=days)
     return Window(end - 2 * span, end - span), Window(end - span, end)
 
 
-def count_table(store: Store, reference: Window, current: Window) -> pl.DataFrame:
-    """Columns period (reference/current), scope, stat, key, count: everything the drift tests need, a few thousand rows at most."""
+def count_table(store: Store, reference: Window, current: Window,
+                received: tuple[Window, Window] | None = None) -> pl.DataFrame:
+    """Columns period (reference/current), scope, stat, key, count: everything the drift tests need, a few thousand rows at most.
+
+    ``received``: the (reference, current) receipt-time windows of the rejection counts; default the same two."""
+    ref_received, cur_received = received or (reference, current)
     params = {"rs": reference.start, "re": reference.end, "cs": current.start, "ce": current.end}
+    received_params = {"rs": ref_received.start, "re": ref_received.end, "cs": cur_received.start,
+                       "ce": cur_received.end}
     with store.reader() as con:
         counts = con.sql(_COUNTS_SQL, params=params).pl()
-        rejected = con.sql(_REJECTED_SQL, params=params).pl()
+        rejected = con.sql(_REJECTED_SQL, params=received_params).pl()
     return pl.concat([counts, rejected], how="vertical_relaxed").with_columns(pl.col("count").cast(pl.Float64))
 
 
@@ -149,14 +169,22 @@ class DriftFinding:
     reference: str
     current: str
     computed_at: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat())
+    received_reference: str = ""
+    """Receipt-time windows of the rejection test (empty: the same as ``reference`` / ``current``)."""
+    received_current: str = ""
 
     @property
     def p_values(self) -> dict[str, float]:
         return {f"{t.name}[{t.scope}]": t.p_value for t in self.tests if t.p_value is not None}
 
     def to_dict(self) -> dict:
-        """JSON-ready, e.g. the payload of the ``kto.drift.detected`` event."""
-        return {**asdict(self), "p_values": self.p_values}
+        """JSON-ready, e.g. the payload of the ``kto.drift.detected`` event; a rate of an empty window is null."""
+        data = {**asdict(self), "p_values": self.p_values}
+        for test in data["tests"]:
+            for key in ("reference", "current", "effect"):
+                if isinstance(test[key], float) and math.isnan(test[key]):
+                    test[key] = None
+        return data
 
 
 class Counts:
@@ -233,8 +261,8 @@ def _distribution(counts: Counts, name: str, stat: str, scope: str, baseline: st
 
 
 def find_drift(counts_table: pl.DataFrame, reference: Window, current: Window,
-               config: MonitorConfig | None = None) -> DriftFinding:
-    """Run every test on a count table (see ``count_table``)."""
+               config: MonitorConfig | None = None, received: tuple[Window, Window] | None = None) -> DriftFinding:
+    """Run every test on a count table (see ``count_table``; ``received``: its rejection counts' windows)."""
     config = config or MonitorConfig()
     counts = Counts(counts_table)
     tests: list[DriftTest] = []
@@ -248,7 +276,9 @@ def find_drift(counts_table: pl.DataFrame, reference: Window, current: Window,
     tests.append(_proportion(counts, "unseen_prompt_share", "unseen_prompt", ALL, ALL, 1, config))
     tests.append(_proportion(counts, "rejection_rate", "rejected", ALL, ALL, config.min_rows, config))
     reasons = [_reason(t) for t in tests if t.drifted]
-    return DriftFinding(bool(reasons), reasons, tests, str(reference), str(current))
+    ref_received, cur_received = received or (reference, current)
+    return DriftFinding(bool(reasons), reasons, tests, str(reference), str(current),
+                        received_reference=str(ref_received), received_current=str(cur_received))
 
 
 def _reason(t: DriftTest) -> str:
@@ -258,8 +288,8 @@ def _reason(t: DriftTest) -> str:
     return f"{t.name} on {where}: {t.reference:.4g} -> {t.current:.4g}{vs} (n={t.n_reference}/{t.n_current}{p})"
 
 
-def drift_finding(store: Store, reference: Window, current: Window,
-                  config: MonitorConfig | None = None) -> tuple[DriftFinding, pl.DataFrame]:
+def drift_finding(store: Store, reference: Window, current: Window, config: MonitorConfig | None = None,
+                  received: tuple[Window, Window] | None = None) -> tuple[DriftFinding, pl.DataFrame]:
     """Aggregate the windows in DuckDB and test them; returns the finding and the count table behind it."""
-    table = count_table(store, reference, current)
-    return find_drift(table, reference, current, config), table
+    table = count_table(store, reference, current, received)
+    return find_drift(table, reference, current, config, received), table

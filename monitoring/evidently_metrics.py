@@ -42,6 +42,11 @@ def _share(hist: dict[int, float]) -> tuple[float, float]:
     return hist.get(1, 0.0), sum(hist.values())
 
 
+STAT_NAMES = {"label": "thumbs-up rate", "rejected": "rejected share", "unseen_prompt": "unseen-prompt share",
+              "prompt_length": "prompt length", "response_length": "response length"}
+"""Plain words for each stat, used in display names (the HTML report) and the dashboard's legends."""
+
+
 class FeedbackShare(SingleValueMetric):
     """Share of events with key 1 of a 0/1 stat: thumbs-up rate (``label``), ``unseen_prompt``, ``rejected``."""
 
@@ -58,7 +63,26 @@ class FeedbackShareCalculation(SingleValueCalculation[FeedbackShare]):
         return value(current_data), None if reference_data is None else value(reference_data)
 
     def display_name(self) -> str:
-        return f"Share of {self.metric.stat} = 1 ({_scope(self.metric.scope)})"
+        return f"{STAT_NAMES[self.metric.stat].capitalize()} ({_scope(self.metric.scope)})"
+
+
+class EventCount(SingleValueMetric):
+    """How many rows of a stat were counted: every event (``key="any"``) or only those with key ``"1"``/``"0"``
+    (``rejected``, key 1: the dead letters)."""
+
+    stat: str
+    scope: str = "*"
+    key: str = "any"
+
+
+class EventCountCalculation(SingleValueCalculation[EventCount]):
+    def calculate(self, context, current_data: Dataset, reference_data: Optional[Dataset]):
+        hist = _hist(current_data, self.metric.scope, self.metric.stat)
+        return self.result(sum(hist.values()) if self.metric.key == "any" else hist.get(int(self.metric.key), 0.0)), None
+
+    def display_name(self) -> str:
+        which = "" if self.metric.key == "any" else f" with {self.metric.stat} = {self.metric.key}"
+        return f"Events{which} ({_scope(self.metric.scope)})"
 
 
 class ShareDriftPValue(SingleValueMetric):
@@ -76,7 +100,7 @@ class ShareDriftPValueCalculation(SingleValueCalculation[ShareDriftPValue]):
         return self.result(two_proportion_test(ref_hits, ref_n, cur_hits, cur_n).p_value)
 
     def display_name(self) -> str:
-        return f"Drift p-value of {self.metric.stat} rate, two-proportion z-test ({_scope(self.metric.scope)})"
+        return f"Drift p-value of the {STAT_NAMES[self.metric.stat]}, two-proportion z-test ({_scope(self.metric.scope)})"
 
 
 class DistributionDriftPValue(SingleValueMetric):
@@ -93,7 +117,7 @@ class DistributionDriftPValueCalculation(SingleValueCalculation[DistributionDrif
         return self.result(ks_test(ref, _hist(current_data, self.metric.scope, self.metric.stat)).p_value)
 
     def display_name(self) -> str:
-        return f"Drift p-value of {self.metric.stat}, Kolmogorov-Smirnov ({_scope(self.metric.scope)})"
+        return f"Drift p-value of the {STAT_NAMES[self.metric.stat]}, Kolmogorov-Smirnov ({_scope(self.metric.scope)})"
 
 
 class DriftDetected(SingleValueMetric):
@@ -129,7 +153,7 @@ class DriftDetectedCalculation(SingleValueCalculation[DriftDetected]):
         return self.result(float(is_drift(m.test, sig, hits / n if n else float("nan"), config)))
 
     def display_name(self) -> str:
-        return f"Drift of {self.metric.test} ({_scope(self.metric.scope)}): 1 = drift"
+        return f"Drift of the {STAT_NAMES[self.metric.stat]} ({_scope(self.metric.scope)}): 1 = drift, 0 = none"
 
 
 class BenchmarkScore(SingleValueMetric):
@@ -137,6 +161,8 @@ class BenchmarkScore(SingleValueMetric):
 
     benchmark: str
     metric: str
+    model: str = ""
+    """What the dashboard's legend calls the model: ``reference`` or the candidate's model id."""
 
 
 class BenchmarkScoreCalculation(SingleValueCalculation[BenchmarkScore]):
@@ -146,9 +172,11 @@ class BenchmarkScoreCalculation(SingleValueCalculation[BenchmarkScore]):
         return self.result(float(rows["value"].iloc[0]) if len(rows) else float("nan")), None
 
     def display_name(self) -> str:
-        return f"{self.metric.benchmark} {self.metric.metric}"
+        return f"{self.metric.benchmark} {self.metric.metric} of {self.metric.model}"
 
 
 def _scope(scope: str) -> str:
-    return "all model versions" if scope == "*" else f"model version {scope}"
+    if scope == "*":
+        return "all model versions"
+    return scope if scope.endswith(" window") else f"model version {scope}"
 

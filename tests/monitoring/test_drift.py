@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 
 from ktoloop.errors import KtoLoopError
 from ktoloop.store import Store
-from monitoring.drift import ALL, Window, default_windows, drift_finding
+from monitoring.drift import ALL, Window, default_receipt_windows, default_windows, drift_finding
 from monitoring.stats import ks_test, two_proportion_test
 from monitoring.synthetic import feedback_frame, insert_dead_letters, insert_feedback
 
@@ -65,6 +66,25 @@ def test_length_shift_and_rejections(tmp_path):
     rejection = find(finding, "rejection_rate")
     assert rejection.drifted and rejection.current == pytest.approx(150 / 5150)
     assert not find(finding, "thumbs_up_rate").drifted
+
+
+def test_a_backfills_rejections_are_counted_when_they_were_received(tmp_path):
+    """Events of March all received in April: dead letters have no event time, so the rejection test's default
+    windows end at the newest message received. Event-time windows hold no receipt at all (a NaN share before)."""
+    store = landed(tmp_path, 0.70)
+    received = T0 + 6 * WEEK
+    with store.writer() as con:
+        con.execute("UPDATE feedback SET ingested_at = ?", [received])
+    insert_dead_letters(store, [received + dt.timedelta(minutes=m) for m in range(30)])
+    reference, current = default_windows(store, 7)
+    finding, _ = drift_finding(store, reference, current, received=default_receipt_windows(store, 7))
+    rejection = find(finding, "rejection_rate")
+    assert rejection.n_current == 10_030 and rejection.current == pytest.approx(30 / 10_030)
+    assert rejection.n_reference == 0 and rejection.p_value is None  # nothing was received the week before
+    assert finding.received_current.startswith((received - WEEK).date().isoformat())
+    json.dumps(finding.to_dict(), allow_nan=False)  # valid JSON: the empty window's share is null, not NaN
+    event_clock, _ = drift_finding(store, reference, current)
+    assert find(event_clock, "rejection_rate").n_current == 0
 
 
 def test_unseen_prompt_share(tmp_path):

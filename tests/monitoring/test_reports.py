@@ -67,12 +67,12 @@ def test_report_and_finding_apply_one_rule_at_large_n(current_rate, drift):
                                                                     ("thumbs_up_rate", "v1"): drift}
 
 
-def series(workspace, project_id, metric_type: str, **labels: str):
+def series(workspace, project_id, metric_type: str, tags: list[str] | None = None, **labels: str):
     from evidently.ui.service.base import SeriesFilter
     from evidently.ui.service.storage.local.base import InMemoryDataStorage
 
     storage = InMemoryDataStorage(str(workspace))
-    flt = SeriesFilter(tags=[], metadata={}, metric=f"evidently:metric_v2:{metric_type}", metric_labels=labels)
+    flt = SeriesFilter(tags=tags or [], metadata={}, metric=f"evidently:metric_v2:{metric_type}", metric_labels=labels)
     return asyncio.run(storage.get_data_series(project_id, [flt], None, None)).series
 
 
@@ -85,8 +85,14 @@ def test_two_reports_fill_the_workspace_and_its_panels(three_weeks, tmp_path):
     second = drift_report(three_weeks, out, reference=Window(T0 + WEEK, T0 + 2 * WEEK),
                           current=Window(T0 + 2 * WEEK, T0 + 3 * WEEK), workspace=ws)
     assert not first.finding.drifted and second.finding.drifted
-    for report in (first, second):
-        assert report.html.stat().st_size > 10_000 and "<html" in report.html.read_text()[:2000].lower()
+    for report, current, size in ((first, "2025-03-08 00:00 → 2025-03-15 00:00 UTC", "5,000"),
+                                  (second, "2025-03-15 00:00 → 2025-03-22 00:00 UTC", "5,600")):
+        text = report.html.read_text()
+        assert report.html.stat().st_size > 10_000 and "<html" in text[:2000].lower()
+        verdict = "DRIFT: thumbs-up rate 0.700 → 0.607" if report.finding.drifted else "No drift"
+        assert f"<title>kto-loop drift report: {verdict}" in text[:3000]  # the first view: verdict and windows
+        header = text[text.index("<header"):text.index("</header>")]
+        assert verdict in header and f"<td>{current}</td><td style='text-align:right'>{size}</td>" in header
         metrics = json.loads(report.json.read_text())["metrics"]
         finding = json.loads(report.finding_json.read_text())
         # the Evidently metric recomputes the finding's p-value from the same counts
@@ -96,14 +102,18 @@ def test_two_reports_fill_the_workspace_and_its_panels(three_weeks, tmp_path):
         assert report_verdicts(json.loads(report.json.read_text())) == finding_verdicts(report.finding)
 
     workspace, project = open_project(ws)
-    assert len(workspace.list_runs(project.id)) == 2
+    drift_runs = [s for s in workspace.list_runs(project.id) if workspace.get_run(project.id, s).tags == ["drift"]]
+    assert len(drift_runs) == 2
     dashboard = workspace.get_dashboard(project.id)
-    titles = {p.title for p in dashboard.panels}
-    assert {"Thumbs-up rate over time", "Thumbs-up rate per model version",
-            "Thumbs-up drift p-value (two-proportion z-test)", "Capability scores across model versions"} <= titles
-    overall = series(ws, project.id, "FeedbackShare", stat="label", scope="*")
+    titles = [p.title for p in dashboard.panels]
+    assert titles[0].startswith("DRIFT: thumbs-up rate 0.700 → 0.607")  # the second report's verdict, in words
+    assert {"Thumbs-up rate per day (event time)", "Drift p-values of the shares (two-proportion z-test)",
+            "Capability"} <= set(titles)
+    # the drift runs: one point per report, at the end of its current window
+    overall = series(ws, project.id, "FeedbackShare", tags=["drift"], stat="label", scope="*")
     assert [round(v, 3) for v in overall[0].values] == [0.70, round((0.62 * 5000 + 300) / 5600, 3)]
-    per_version = {s.params["scope"]: s.values for s in series(ws, project.id, "FeedbackShare", stat="label")}
+    per_version = {s.params["scope"]: s.values for s in series(ws, project.id, "FeedbackShare", tags=["drift"],
+                                                                 stat="label")}
     assert per_version["v2"][-1] == pytest.approx(0.5)
     assert {s.params["stat"] for s in series(ws, project.id, "ShareDriftPValue")} >= {"label"}
 
@@ -117,21 +127,30 @@ def test_workspace_loads_without_our_metric_classes(three_weeks, tmp_path):
             "s = LocalState.load(sys.argv[1], None); print(sum(len(v) for v in s.snapshots.values()))")
     out = subprocess.run([sys.executable, "-c", code, str(ws)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().endswith("1")
+    written = len(list(ws.glob("*/snapshots/*.json")))  # the drift run and 21 days of each clock's buckets
+    assert written == 1 + 2 * 21 and out.stdout.strip().endswith(str(written))
 
 
-def test_capability_runs_show_per_model(tmp_path):
-    from monitoring.harness import BenchmarkResult, EvalRun
-    from monitoring.reports import capability_snapshot
-    from monitoring.workspace import log_run, open_project
+def test_capability_runs_show_per_model_and_log_once(tmp_path):
+    from monitoring.harness import BenchmarkResult, EvalRun, save_run
+    from monitoring.reports import log_evaluation
+    from monitoring.workspace import open_project
 
-    ws = tmp_path / "workspace"
-    for model_id, acc in [("v1", 0.52), ("v2", 0.55)]:
+    ws, store = tmp_path / "workspace", Store(tmp_path / "k.duckdb")
+    for i, (model_id, acc) in enumerate([("reference:smollm2:0123456789ab", 0.52), ("kto-s1-c1", 0.55)]):
         result = BenchmarkResult("arc_easy", {"acc": (acc, 0.02), "acc_norm": (acc - 0.01, 0.02)}, [0, 1], {}, 1.0)
-        log_run(ws, capability_snapshot(EvalRun(f"run-{model_id}", model_id, None, "quick", {"arc_easy": result})))
-    _, project = open_project(ws)
-    acc = next(s for s in series(ws, project.id, "BenchmarkScore", benchmark="arc_easy", metric="acc"))
-    assert acc.values == [pytest.approx(0.52), pytest.approx(0.55)]
+        run = EvalRun(f"run-{i}", model_id, None, "quick", {"arc_easy": result}, T0 + dt.timedelta(minutes=i))
+        save_run(store, run)
+        log_evaluation(store, ws, run.run_id)
+    log_evaluation(store, ws, "run-1")  # a flow re-run reuses the stored run: logged again, not twice
+    workspace, project = open_project(ws)
+    assert len(workspace.list_runs(project.id)) == 2
+    acc = {s.params["model"]: s.values for s in series(ws, project.id, "BenchmarkScore", benchmark="arc_easy",
+                                                         metric="acc")}
+    assert acc == {"reference": [pytest.approx(0.52)], "kto-s1-c1": [None, pytest.approx(0.55)]}
+    panel = next(p for p in workspace.get_dashboard(project.id).panels if p.title.startswith("arc_easy"))
+    assert panel.title == "arc_easy: acc_norm (higher is better)"  # the primary metric, the one the gate checks
+    assert panel.values[0].legend == "{{model}}"
 
 
 def test_cli_monitor_report(three_weeks, tmp_path, monkeypatch, capsys):
