@@ -64,7 +64,8 @@ def test_cli_pin_and_show(model_copy, home, monkeypatch, capsys):
     monkeypatch.chdir(model_copy.parent)
     assert main(["reference", "pin", str(model_copy), "--model-version", "tiny-v1"]) == 0
     assert main(["reference", "show", "--verify"]) == 0
-    assert "tiny-v1\ttiny-v1" in capsys.readouterr().out
+    rows = capsys.readouterr().out.splitlines()
+    assert any(r.split()[:2] == ["tiny-v1", "tiny-v1"] and r.split()[-1] == "yes" for r in rows), rows  # verified
     (model_copy / "config.json").write_text("{}")
     assert main(["reference", "show", "--verify"]) == 2                 # KtoLoopError -> clean exit 2
     assert "config.json changed" in capsys.readouterr().err
