@@ -14,20 +14,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 BASE = "tiny-v1"
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    from prefect.settings import (PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_HOME,
-                                  PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings)
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings(updates={
-        PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home")), PREFECT_API_URL: None,
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_SERVER_ANALYTICS_ENABLED: False,
-    }):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
 def feedback(version: str, prefix: str, n_topics: int = 200, start: int = 1_700_000_000) -> list[dict]:
     """A friendly answer liked and a rude one not, per prompt: learnable and paired."""
     events = []

@@ -15,20 +15,6 @@ VERSION = "tiny-v1"
 TOPICS = [f"topic {i}" for i in range(400)]
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    from prefect.settings import (PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_HOME,
-                                  PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings)
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings(updates={
-        PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home")), PREFECT_API_URL: None,
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, PREFECT_SERVER_ANALYTICS_ENABLED: False,
-    }):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
 def feedback(n_topics: int, up_rate_shift: int = 0, start: int = 1_700_000_000, prefix: str = "e"):
     """Two answers per prompt, a friendly one (thumbs up) and a rude one (thumbs down): learnable and paired."""
     events = []
