@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 PIN    := -c constraints.txt
 LOCK_VENV ?= /tmp/ktoloop-lock-venv
 
-.PHONY: install demo test bench lock clean
+.PHONY: install demo test test-fast bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The inner loop: everything not marked slow (no broker, no Prefect server, no model training end to end).
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m pip install -q $(PIN) -e '.[bench]'

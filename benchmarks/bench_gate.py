@@ -51,7 +51,7 @@ def feedback(n_prompts: int, seed: int, shuffled: bool) -> list[dict]:
 def gate_run(reference, root: Path, seed: int, shuffled: bool, n_prompts: int = 300):
     """Land, build, train, test one candidate; returns the gate's PreferenceTest."""
     from flows.dataset import DatasetConfig, build_dataset
-    from flows.eligibility import GateConfig
+    from ktoloop.methods import GateConfig
     from flows.gate import paired_test
     from ingest.landing import Batch, land
     from ingest.schema import EventDecoder, encode_event

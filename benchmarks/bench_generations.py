@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import hashlib
 import math
 import os
 import re
@@ -124,7 +125,7 @@ partitions = 1
 [broker]
 port = {port}
 [dataset]
-holdout_fraction = 0.1
+holdout_fraction = 0.25
 [training]
 method = "kto"
 max_steps = {steps}
@@ -132,8 +133,8 @@ batch_size = 16
 lr = 5e-4
 warmup_steps = 5
 beta = 0.1
-max_length = 256
-max_prompt_length = 128
+max_length = 176
+max_prompt_length = 96
 lora_r = 16
 lora_alpha = 32
 lora_layers = 8
@@ -147,7 +148,7 @@ suite = "quick"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generations", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=320, help="training prompts per generation (2 answers each)")
+    parser.add_argument("--prompts", type=int, default=400, help="training prompts per generation (2 answers each)")
     parser.add_argument("--heldout", type=int, default=96, help="held-out prompts (2 answers each) for the rates")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -203,7 +204,7 @@ def main() -> None:
             events = [{"event_id": f"sim-g{generation}-{k}", "prompt": p, "response": t or "(empty)",
                        "label": "up" if liked(t, f) else "down", "model_version": serving.model_version,
                        "event_time": (when + dt.timedelta(seconds=k)).isoformat(),
-                       "prompt_id": f"sim-{abs(hash(p)) % 10**12}", "source": "simulation"}
+                       "prompt_id": "sim-" + hashlib.sha256(p.encode()).hexdigest()[:12], "source": "simulation"}
                       for k, (p, t, f) in enumerate(zip(answers.prompts, answers.texts, answers.finished))]
             publish(settings.kafka, [encode_event(e) for e in events])
             t0 = time.monotonic()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-from pathlib import Path
 
-from ktoloop.config import Settings, load_section
+from ktoloop.config import Settings
 from ktoloop.errors import KtoLoopError
+from ktoloop.methods import METHODS
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--model-version", help="default: the pinned reference's model version")
     build.add_argument("--since", type=_time, help="event_time lower bound (ISO 8601, inclusive)")
     build.add_argument("--until", type=_time, help="event_time upper bound (ISO 8601, exclusive)")
-    build.add_argument("--method", choices=["kto", "dpo", "ipo", "ppo"], help="force a method (must be eligible)")
+    build.add_argument("--method", choices=list(METHODS), help="force a method (must be eligible)")
     build.add_argument("--holdout", type=float, help="share of prompts held out (default from [dataset])")
     build.set_defaults(func=_build)
     show = dataset_sub.add_parser("show", help="counts, balance, noise and the decision of a snapshot")
@@ -35,26 +35,11 @@ def _time(text: str) -> dt.datetime:
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
-def dataset_config(settings: Settings):
-    from flows.dataset import DatasetConfig
-
-    return load_section(settings, "dataset", DatasetConfig)
-
-
 def _build(args: argparse.Namespace, settings: Settings) -> int:
-    import dataclasses
+    from flows.loop import build
 
-    from flows.dataset import build_dataset
-    from flows.lineage import resolve_model_version
-    from ktoloop.store import Store
-
-    config = dataset_config(settings)
-    if args.holdout is not None:
-        config = dataclasses.replace(config, holdout_fraction=args.holdout)
-    store = Store(settings.db_path, settings.store.lock_timeout_s)
-    version = resolve_model_version(settings, store, args.model_version)
-    result = build_dataset(store, settings.home_dir, config, version, since=args.since, until=args.until,
-                           force_method=args.method)
+    result = build(settings, model_version=args.model_version, method=args.method, since=args.since,
+                   until=args.until, holdout=args.holdout)
     print(f"snapshot {result.snapshot.manifest.snapshot_id} ({'reused' if result.reused else 'built'} in "
           f"{result.seconds:.1f} s) at {result.snapshot.path}")
     _print_summary(result.snapshot.manifest)
@@ -126,16 +111,13 @@ def add_loop_commands(sub: argparse._SubParsersAction) -> None:
 
     retrain = sub.add_parser("retrain", help="drain -> build -> decide -> train -> evaluate -> promote")
     retrain.add_argument("--now", action="store_true", required=True, help="run the retrain flow in-process now")
-    retrain.add_argument("--method", choices=["kto", "dpo", "ipo", "ppo"], help="force a method (must be eligible)")
+    retrain.add_argument("--method", choices=list(METHODS), help="force a method (must be eligible)")
     retrain.add_argument("--reason", default="manual", help="recorded as the run's trigger")
     retrain.set_defaults(func=_retrain)
 
     serve = sub.add_parser("serve", help="serve the scheduled deployments and the drift trigger (Prefect)")
     serve.add_argument("--api-port", type=int, default=4200, help="port of the local Prefect server, if one is started")
     serve.set_defaults(func=_serve)
-
-    demo = sub.add_parser("demo", help="the whole loop on embedded defaults (what `make demo` runs)")
-    demo.set_defaults(func=_demo)
 
 
 def _models_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -233,16 +215,4 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from flows.serving import serve_deployments
 
     serve_deployments(settings, api_port=args.api_port)
-    return 0
-
-
-def _demo(args: argparse.Namespace, settings: Settings) -> int:
-    import os
-
-    from flows.demo import DEMO_CONFIG, run_demo
-    from ktoloop.config import load_settings
-
-    config = Path(args.config or os.environ.get("KTOLOOP_CONFIG") or DEMO_CONFIG).resolve()
-    os.environ["KTOLOOP_CONFIG"] = str(config)  # the Prefect flows load their settings from the same file
-    run_demo(load_settings(config))
     return 0

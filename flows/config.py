@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flows.eligibility import GateConfig
+from ktoloop.methods import GateConfig
 from ktoloop.config import ConfigError
 
 

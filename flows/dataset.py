@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 from duckdb.sqltypes import VARCHAR
 
 from flows.config import DatasetConfig  # the [dataset] section lives there: loading it needs no DuckDB
-from flows.eligibility import DataStats, Decision, decide
+from flows.eligibility import Decision, decide
+from ktoloop.methods import DataStats
 from ktoloop.snapshot import KTO_FILE, MANIFEST, PAIRS_FILE, Manifest, Snapshot, load_snapshot, snapshots_dir
 from ktoloop.store import Store
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from flows.dataset import BuildResult, DatasetConfig, build_dataset
 from flows.gate import Gate, paired_test, verdict
 from ktoloop.config import Settings, load_section
 from ktoloop.errors import KtoLoopError
+from ktoloop.methods import METHODS
 from ktoloop.snapshot import Snapshot, load_snapshot
 from ktoloop.store import Store
 
@@ -53,13 +55,16 @@ def drain(settings: Settings) -> dict[str, Any]:
     return dataclasses.asdict(stats)
 
 
-def build(settings: Settings, *, model_version: str | None = None, method: str | None = None) -> BuildResult:
-    """Snapshot the serving model's feedback (or ``model_version``'s) and decide the method (PPO sees whether a
-    reward model exists)."""
+def build(settings: Settings, *, model_version: str | None = None, method: str | None = None,
+          since=None, until=None, holdout: float | None = None) -> BuildResult:
+    """Snapshot the serving model's feedback (or ``model_version``'s) in [since, until) and decide the method
+    (PPO sees whether a reward model exists). ``holdout`` overrides ``dataset.holdout_fraction``."""
     version = lineage.resolve_model_version(settings, store_of(settings), model_version)
     config = load_section(settings, "dataset", DatasetConfig)
-    return build_dataset(store_of(settings), settings.home_dir, config, version, force_method=method,
-                         reward_model=_has_reward_model(settings, version))
+    if holdout is not None:
+        config = dataclasses.replace(config, holdout_fraction=holdout)
+    return build_dataset(store_of(settings), settings.home_dir, config, version, since=since, until=until,
+                         force_method=method, reward_model=_has_reward_model(settings, version))
 
 
 def _has_reward_model(settings: Settings, model_version: str) -> bool:
@@ -79,28 +84,44 @@ class TrainedRun:
     """Held-out preference score on the snapshot's eval split (PreferenceScore as a dict)."""
 
 
-def _train_offline(settings: Settings, snapshot: Snapshot, reference, method: str, out_dir: Path | None):
+@dataclass(frozen=True)
+class Trainer:
+    """How the loop trains one kind of method: its resolved config (whose fingerprint names the candidate) and
+    the run. Chosen by ``ktoloop.methods.METHODS[name].online``."""
+
+    config: Callable[[Settings, str], Any]
+    run: Callable[[Settings, Any, Snapshot, Any, Path], TrainedRun]
+
+
+def _offline_config(settings: Settings, method: str):
     from training.config import TrainConfig
+
+    return dataclasses.replace(load_section(settings, "training", TrainConfig), method=method)
+
+
+def _offline_run(settings: Settings, config, snapshot: Snapshot, reference, out_dir: Path) -> TrainedRun:
     from training.trainer import train
 
-    config = dataclasses.replace(load_section(settings, "training", TrainConfig), method=method)
-    if out_dir is None:
-        return config.fingerprint()
     result = train(config, snapshot, reference, out_dir, cache_dir=settings.home_dir / "cache", resume=True)
     return TrainedRun(config.to_dict(), config.fingerprint(), result.eval or {})
 
 
-def _train_ppo(settings: Settings, snapshot: Snapshot, reference, method: str, out_dir: Path | None):
-    """PPO within the gates' token budget, against the reward model pinned for this reference."""
-    from training.ppo import PPOConfig, train_ppo
-    from training.reward import reward_model_for
+def _ppo_config(settings: Settings, method: str):
+    """``[ppo]`` within the gates' token budget."""
+    from training.config import PPOConfig
 
     gates = load_section(settings, "dataset", DatasetConfig).gates
     config = load_section(settings, "ppo", PPOConfig)
     if gates.ppo_budget_tokens:
         config = dataclasses.replace(config, max_generated_tokens=gates.ppo_budget_tokens)
-    if out_dir is None:
-        return config.fingerprint()
+    return config
+
+
+def _ppo_run(settings: Settings, config, snapshot: Snapshot, reference, out_dir: Path) -> TrainedRun:
+    """PPO against the reward model pinned for this reference."""
+    from training.ppo import train_ppo
+    from training.reward import reward_model_for
+
     result = train_ppo(config, snapshot, reference, out_dir, reward_model_for(reference, settings.home_dir),
                        cache_dir=settings.home_dir / "cache", resume=True)
     metrics = dict(result.eval or {})
@@ -109,8 +130,8 @@ def _train_ppo(settings: Settings, snapshot: Snapshot, reference, method: str, o
     return TrainedRun(config.to_dict(), config.fingerprint(), metrics)
 
 
-# method -> trainer(settings, snapshot, reference, method, out_dir) (out_dir None: just the config fingerprint)
-TRAINERS = {"kto": _train_offline, "dpo": _train_offline, "ipo": _train_offline, "ppo": _train_ppo}
+def trainer_for(method: str) -> Trainer:
+    return Trainer(_ppo_config, _ppo_run) if METHODS[method].online else Trainer(_offline_config, _offline_run)
 
 
 def _snapshot_and_reference(settings: Settings, snapshot_id: str):
@@ -124,8 +145,8 @@ def _snapshot_and_reference(settings: Settings, snapshot_id: str):
 
 def candidate_id(settings: Settings, snapshot_id: str, method: str) -> str:
     """The model id training this snapshot with this method and config produces (method-snapshot-config)."""
-    snapshot, reference = _snapshot_and_reference(settings, snapshot_id)
-    return f"{method}-{snapshot.manifest.snapshot_id}-{TRAINERS[method](settings, snapshot, reference, method, None)}"
+    snapshot = load_snapshot(snapshot_id, settings.home_dir)
+    return f"{method}-{snapshot.manifest.snapshot_id}-{trainer_for(method).config(settings, method).fingerprint()}"
 
 
 def decided_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate | None:
@@ -156,7 +177,7 @@ def _verdict_stands(candidate: registry.Candidate, incumbent: registry.Candidate
 def train_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate:
     """Train (or reuse) the candidate for this snapshot, method and config; register it."""
     snapshot, reference = _snapshot_and_reference(settings, snapshot_id)
-    trainer = TRAINERS[method]
+    trainer = trainer_for(method)
     model_id = candidate_id(settings, snapshot_id, method)
     store = store_of(settings)
     existing = registry.find(store, model_id)
@@ -164,7 +185,7 @@ def train_candidate(settings: Settings, snapshot_id: str, method: str) -> regist
         log.info("reusing candidate %s (same snapshot and config)", model_id)
         return existing
     out_dir = settings.home_dir / "models" / model_id
-    run = trainer(settings, snapshot, reference, method, out_dir)
+    run = trainer.run(settings, trainer.config(settings, method), snapshot, reference, out_dir)
     return registry.register(store, registry.Candidate(
         model_id=model_id, method=method, snapshot_id=snapshot.manifest.snapshot_id,
         snapshot_sha256=snapshot.manifest.content_sha256, reference_name=reference.name,

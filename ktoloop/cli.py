@@ -30,7 +30,7 @@ COMMAND_MODULES: dict[str, str] = {
     "monitor": "monitoring.cli",
     "retrain": "flows.cli",
     "serve": "flows.cli",
-    "demo": "flows.cli",
+    "demo": "ktoloop.demo",
 }
 
 

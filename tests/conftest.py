@@ -58,11 +58,23 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's real tokenizer and chat template, read from the GGUF: no 517 MB model is materialised."""
+    from transformers import AutoTokenizer
+
+    from training.modeling import smollm2_gguf_path
+
+    gguf, out = smollm2_gguf_path(), tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 16-wide random Llama with the real SmolLM2 tokenizer and chat template."""
     from training.modeling import tiny_model_dir as build
 
-    return build(tmp_path_factory.mktemp("tiny") / "model", tokenizer_dir=smollm2_dir)
+    return build(tmp_path_factory.mktemp("tiny") / "model", tokenizer_dir=smollm2_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

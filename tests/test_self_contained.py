@@ -97,7 +97,7 @@ def test_scanner_flags_todays_outside_references(rel, line):
 
 @pytest.mark.parametrize("rel, line", [
     ("tests/training/test_trainer.py", '"PYTHONPATH": str(Path(__file__).resolve().parents[2])'),
-    ("flows/demo.py", 'DEMO_CONFIG = Path(__file__).resolve().parents[1] / "ktoloop.demo.toml"'),
+    ("ktoloop/demo.py", 'DEMO_CONFIG = Path(__file__).resolve().parents[1] / "ktoloop.demo.toml"'),
     ("benchmarks/bench_ingest.py", "sys.path.insert(0, str(Path(__file__).resolve().parents[1]))"),
     (".ci/run", 'cd "$(dirname "$0")/.."'),
     ("training/reward.py", "# read by training.runtime.make_trainable (shared LoRA set-up)"),
@@ -134,7 +134,7 @@ def test_packaged_data_has_every_file_the_demo_and_suites_read():
 
 
 def test_demo_reads_hh_rlhf_from_data_dir_and_names_the_setting_when_missing(tmp_path):
-    from flows.demo import run_demo
+    from ktoloop.demo import run_demo
 
     with pytest.raises(ConfigError, match=r"harmless_base_test\.jsonl\.gz not found; set the top-level data_dir"):
         run_demo(Settings(data_dir=str(tmp_path), home=str(tmp_path / "home")))  # fails before any work

@@ -14,7 +14,8 @@ import json
 import logging
 
 from ktoloop.config import ConfigError, Settings, load_section
-from training.config import METHODS, TrainConfig
+from ktoloop.methods import OFFLINE
+from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def add_commands(subparsers) -> None:
 
     train = subparsers.add_parser("train", help="train a KTO/DPO/IPO adapter on a dataset snapshot")
     train.add_argument("--snapshot", required=True, help="snapshot id (under <home>/snapshots) or directory")
-    train.add_argument("--method", choices=METHODS, help="loss (default: [training] method)")
+    train.add_argument("--method", choices=OFFLINE, help="loss (default: [training] method)")
     train.add_argument("--beta", type=float, help="pull towards the reference (default: [training] beta)")
     train.add_argument("--sweep-beta", default="", help="comma-separated betas, e.g. 0.05,0.1,0.3; keeps the best")
     _section_flags(train, "training", (("--lr", float, "learning rate"), ("--epochs", int, "passes over the data"),
@@ -129,18 +130,23 @@ def cmd_materialize(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from training.reference import list_references
 
+    return _show_pins(list_references(settings.home_dir), settings.home_dir / "references", args.verify,
+                      ["name", "model_version", "sha256", "path"],
+                      lambda r: [r.name, r.model_version, r.sha256[:16], r.path])
+
+
+def _show_pins(pins: list, where, verify: bool, columns: list[str], row) -> int:
+    """A table of pinned references or reward models; ``verify`` re-hashes each first (raises on a mismatch)."""
     from ktoloop.tables import format_table
 
-    refs = list_references(settings.home_dir)
-    if not refs:
-        print(f"no pinned references under {settings.home_dir / 'references'}")
+    if not pins:
+        print(f"nothing pinned under {where}")
         return 0
-    for ref in refs:
-        if args.verify:
-            ref.verify()  # raises, naming the file, on the first mismatch
-    print(format_table(["name", "model_version", "sha256", "path"] + (["verified"] if args.verify else []),
-                       [[r.name, r.model_version, r.sha256[:16], r.path] + (["yes"] if args.verify else [])
-                        for r in refs]))
+    for pin in pins:
+        if verify:
+            pin.verify()  # raises, naming the file, on the first mismatch
+    print(format_table(columns + (["verified"] if verify else []),
+                       [row(p) + (["yes"] if verify else []) for p in pins]))
     return 0
 
 
@@ -211,20 +217,10 @@ def cmd_reward_train(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_reward_show(args: argparse.Namespace, settings: Settings) -> int:
     from training.reward import list_reward_models
 
-    from ktoloop.tables import format_table
-
-    infos = list_reward_models(settings.home_dir)
-    if not infos:
-        print(f"no pinned reward models under {settings.home_dir / 'reward_models'}")
-        return 0
-    for info in infos:
-        if args.verify:
-            info.verify()  # raises, naming the file, on the first mismatch
-    print(format_table(["name", "reference", "reference_sha256", "snapshot", "accuracy"]
-                       + (["verified"] if args.verify else []),
-                       [[i.name, i.reference["name"], i.reference_sha256[:12], i.snapshot["id"],
-                         (i.eval or {}).get("accuracy")] + (["yes"] if args.verify else []) for i in infos]))
-    return 0
+    return _show_pins(list_reward_models(settings.home_dir), settings.home_dir / "reward_models", args.verify,
+                      ["name", "reference", "reference_sha256", "snapshot", "accuracy"],
+                      lambda i: [i.name, i.reference["name"], i.reference_sha256[:12], i.snapshot["id"],
+                                 (i.eval or {}).get("accuracy")])
 
 
 def cmd_ppo(args: argparse.Namespace, settings: Settings) -> int:

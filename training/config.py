@@ -13,8 +13,8 @@ import json
 from dataclasses import asdict, dataclass
 
 from ktoloop.config import ConfigError
+from ktoloop.methods import OFFLINE
 
-METHODS = ("kto", "dpo", "ipo")  # must match training.losses.LOSSES; checked by a test
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -57,12 +57,46 @@ class LoraFields:
 
 
 @dataclass(frozen=True)
-class TrainConfig(LoraFields):
+class RunFields(LoraFields):
+    """The fields every trainer's run has, with their checks written once; each section sets its own defaults
+    (``lr`` above all) by redeclaring the field."""
+
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables it."""
+    max_length: int = 512
+    """Prompt + completion tokens; longer examples keep the prompt's end and the completion's start."""
+    max_prompt_length: int = 256
+    """A prompt longer than this keeps only its last ``max_prompt_length`` tokens."""
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` = CUDA when available; bf16 autocast on CUDA, fp32 on CPU."""
+    reference: str = ""
+    """Pinned reference name; empty = the one whose model_version matches the snapshot."""
+
+    def _check_run(self, section: str, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+        """The shared checks plus the section's own ``positive`` (> 0) and ``non_negative`` (>= 0) fields."""
+        self._check_lora(section)
+        if self.device not in DEVICES:
+            raise ConfigError(f"{section}.device must be one of {list(DEVICES)}, got {self.device!r}")
+        for name in ("lr", "max_length", "max_prompt_length", *positive):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{section}.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "max_grad_norm", *non_negative):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{section}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(f"{section}.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                              f"{section}.max_length ({self.max_length}) to leave room for the completion")
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunFields):
     method: str = "kto"
-    """Loss, by name in ``training.losses.LOSSES``."""
+    """An offline method of ``ktoloop.methods.METHODS`` (its loss is ``training.losses.<method>_loss``)."""
     beta: float = 0.1
     """Strength of the pull towards the reference (KL penalty coefficient)."""
-    lr: float = 5e-5
     epochs: int = 1
     max_steps: int = 0
     """Optimizer steps; 0 means ``epochs`` full passes over the train split."""
@@ -71,48 +105,24 @@ class TrainConfig(LoraFields):
     grad_accumulation_steps: int = 1
     """Forwards per optimizer step; global batch = batch_size x grad_accumulation_steps x processes."""
     warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    """Gradient clipping; 0 disables it."""
     full_finetune: bool = False
     """Train every weight instead of a LoRA adapter (reference log-probs are still cached up front)."""
-    max_length: int = 512
-    """Prompt + completion tokens; longer examples keep the prompt's end and the completion's start."""
-    max_prompt_length: int = 256
-    """A prompt longer than this keeps only its last ``max_prompt_length`` tokens."""
-    seed: int = 0
     checkpoint_every: int = 0
     """Optimizer steps between checkpoints (for ``resume``); 0 disables checkpoints."""
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
-    device: str = "auto"
-    """``auto`` = CUDA when available; bf16 autocast on CUDA, fp32 on CPU."""
-    reference: str = ""
-    """Pinned reference name; empty = the one whose model_version matches the snapshot."""
 
     def __post_init__(self) -> None:
-        self._check_lora("training")
-        if self.method not in METHODS:
-            raise ConfigError(f"training.method must be one of {list(METHODS)}, got {self.method!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"training.device must be one of {list(DEVICES)}, got {self.device!r}")
-        positive = ("beta", "lr", "batch_size", "grad_accumulation_steps", "max_length", "max_prompt_length",
-                    "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"training.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("epochs", "max_steps", "warmup_steps", "checkpoint_every", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"training.{name} must be >= 0, got {getattr(self, name)}")
+        if self.method not in OFFLINE:
+            raise ConfigError(f"training.method must be one of {list(OFFLINE)}, got {self.method!r}")
+        self._check_run("training", positive=("beta", "batch_size", "grad_accumulation_steps", "keep_checkpoints"),
+                        non_negative=("epochs", "max_steps", "warmup_steps", "checkpoint_every"))
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("training.epochs and training.max_steps are both 0: set one of them")
-        if self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"training.max_prompt_length ({self.max_prompt_length}) must be smaller than "
-                              f"training.max_length ({self.max_length}) to leave room for the completion")
 
 
 @dataclass(frozen=True)
-class RewardConfig(LoraFields):
+class RewardConfig(RunFields):
     """The ``[reward]`` section."""
 
     lr: float = 1e-4
@@ -123,41 +133,22 @@ class RewardConfig(LoraFields):
     """Pairs and unpaired thumbs per step (each)."""
     unpaired_weight: float = 1.0
     """Weight of the logistic thumb loss next to the Bradley-Terry pair loss."""
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    max_prompt_length: int = 256
-    seed: int = 0
-    device: str = "auto"
-    reference: str = ""
-    """Pinned reference name; empty = the one whose model_version matches the snapshot."""
 
     # read by training.runtime.make_trainable (shared LoRA set-up): the reward model is always a LoRA adapter
     full_finetune = False
     gradient_checkpointing = False
 
     def __post_init__(self) -> None:
-        self._check_lora("reward")
-        if self.device not in DEVICES:
-            raise ConfigError(f"reward.device must be one of {list(DEVICES)}, got {self.device!r}")
-        for name in ("lr", "batch_size", "max_length", "max_prompt_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"reward.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("epochs", "max_steps", "unpaired_weight", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"reward.{name} must be >= 0, got {getattr(self, name)}")
+        self._check_run("reward", positive=("batch_size",), non_negative=("epochs", "max_steps", "unpaired_weight"))
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("reward.epochs and reward.max_steps are both 0: set one of them")
-        if self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"reward.max_prompt_length ({self.max_prompt_length}) must be smaller than "
-                              f"reward.max_length ({self.max_length})")
 
 
 BUDGET_FIELDS = ("max_generated_tokens", "max_seconds", "max_steps")  # may grow on --resume
 
 
 @dataclass(frozen=True)
-class PPOConfig(LoraFields):
+class PPOConfig(RunFields):
     """The ``[ppo]`` section. A run needs a budget: ``max_generated_tokens`` and/or ``max_seconds``."""
 
     max_generated_tokens: int = 0
@@ -196,37 +187,22 @@ class PPOConfig(LoraFields):
     vf_coef: float = 0.1
     whiten_advantages: bool = True
     lr: float = 1e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     full_finetune: bool = False
     lora_dropout: float = 0.0
     """0 by default: dropout would make the first PPO epoch's ratios differ from 1."""
-    max_prompt_length: int = 256
-    max_length: int = 512
-    """Prompt + completion tokens when scoring held-out preferences (as ``[training].max_length``)."""
-    seed: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
-    device: str = "auto"
-    reference: str = ""
-    """Pinned reference name; empty = the one whose model_version matches the snapshot."""
     reward_model: str = ""
     """Pinned reward model name; empty = the newest trained for the reference."""
 
     gradient_checkpointing = False  # read by training.runtime.make_trainable; generation needs the KV cache
 
     def __post_init__(self) -> None:
-        self._check_lora("ppo")
-        if self.device not in DEVICES:
-            raise ConfigError(f"ppo.device must be one of {list(DEVICES)}, got {self.device!r}")
-        for name in ("rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "temperature",
-                     "lr", "clip_range", "clip_range_value", "kl_bound", "max_prompt_length", "keep_checkpoints"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"ppo.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_generated_tokens", "max_seconds", "max_steps", "top_k", "kl_coef", "accuracy_drop",
-                     "eval_every", "eval_prompts", "vf_coef", "weight_decay", "max_grad_norm", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(self, name)}")
+        self._check_run("ppo", positive=("rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                                         "temperature", "clip_range", "clip_range_value", "kl_bound",
+                                         "keep_checkpoints"),
+                        non_negative=("max_generated_tokens", "max_seconds", "max_steps", "top_k", "kl_coef",
+                                      "accuracy_drop", "eval_every", "eval_prompts", "vf_coef", "checkpoint_every"))
         for name in ("gamma", "lam", "top_p"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -236,9 +212,6 @@ class PPOConfig(LoraFields):
         if 0 < self.max_generated_tokens < self.rollout_tokens():
             raise ConfigError(f"ppo.max_generated_tokens ({self.max_generated_tokens}) is below one rollout "
                               f"(rollout_batch_size x max_new_tokens = {self.rollout_tokens()})")
-        if self.max_prompt_length >= self.max_length:
-            raise ConfigError(f"ppo.max_prompt_length ({self.max_prompt_length}) must be smaller than "
-                              f"ppo.max_length ({self.max_length})")
 
     def rollout_tokens(self) -> int:
         """The most tokens one step can generate."""

@@ -29,7 +29,8 @@ from ktoloop.snapshot import Snapshot
 from training.config import TrainConfig
 from training.data import Encoded, Pair, encode_snapshot, mismatched
 from training.logprobs import ReferenceCache, compute_logps
-from training.losses import LOSSES, BatchInfo
+from ktoloop.methods import METHODS
+from training.losses import BatchInfo
 from training.reference import Reference
 
 
@@ -64,7 +65,7 @@ def heldout_method(snapshot: Snapshot, method: str, split: str = "eval") -> str 
     """The loss every candidate of ``snapshot`` is scored with on ``split``: the method's own when it is paired,
     DPO's for the others, on the split's pairs; KTO's on its thumbs when it has no pairs; None when empty."""
     if has_split(snapshot, True, split):
-        return method if method in LOSSES and LOSSES[method].paired else "dpo"
+        return method if method in METHODS and METHODS[method].paired else "dpo"
     if has_split(snapshot, False, split):
         return "kto"
     return None
@@ -82,7 +83,7 @@ def reference_cache(reference: Reference, device: torch.device, cache_dir: str |
 
 def _encode(snapshot: Snapshot, split: str, tokenizer, config: TrainConfig):
     name = heldout_method(snapshot, config.method, split)
-    method = LOSSES[name]
+    method = METHODS[name]
     data = encode_snapshot(snapshot, split, tokenizer, method.paired, config.max_length, config.max_prompt_length)
     return name, method, data, *split_pairs(data, method.uses_kl)
 
@@ -149,7 +150,7 @@ def reference_score(snapshot: Snapshot, config: TrainConfig, split: str = "eval"
     every example ties (score 1/2) and the loss is the method's loss at 0. Running the model would only add
     floating-point noise around these values, and minutes of CPU."""
     name = heldout_method(snapshot, config.method, split)
-    method = LOSSES[name]
+    method = METHODS[name]
     if method.paired:
         n = snapshot.pairs(split).height
         info = BatchInfo(lengths=torch.ones(2 * n))

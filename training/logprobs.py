@@ -24,14 +24,22 @@ from training.data import Batch, Encoded, Pair, collate
 log = logging.getLogger(__name__)
 
 
+def decoder_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor | None = None):
+    """(base model, last hidden states): the one forward every trainer runs (through a peft wrapper), so the
+    LM head, or a value or reward head, is applied to the positions that are read and no others."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {} if position_ids is None else {"position_ids": position_ids}
+    return base, base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+
+
 def sequence_logps(model, batch: Batch) -> torch.Tensor:
     """Sum of log p(token) over each sequence's completion tokens, shape (B,), float32.
 
     The LM head runs only on the positions that predict a completion token: prompt and padding positions never
     materialise vocabulary-sized logits, which is most of the activation memory at small model sizes.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    base, hidden = decoder_states(model, batch.input_ids, batch.attention_mask)
     scored = batch.completion_mask[:, 1:]  # position t predicts token t+1
     rows = scored.nonzero()[:, 0]
     logits = base.get_output_embeddings()(hidden[:, :-1][scored]).float()

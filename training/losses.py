@@ -1,4 +1,5 @@
-"""Preference losses: one signature, one small pure function per method, chosen by name from ``LOSSES``.
+"""Preference losses: one signature, one small pure function per offline method, ``<name>_loss`` for each
+offline entry of ``ktoloop.methods.METHODS`` (which says what each trains on and whether it needs KTO's z).
 
 Every loss takes summed completion log-probs of the policy and of the reference (one per sequence, in the
 order ``Encoded.sequences`` gives: paired methods put all chosen first, then all rejected) plus ``BatchInfo``,
@@ -70,22 +71,6 @@ def ipo_loss(policy: torch.Tensor, reference: torch.Tensor, info: BatchInfo, bet
     chosen, rejected = ((policy - reference) / info.lengths).chunk(2)
     losses = (chosen - rejected - 1 / (2 * beta)) ** 2
     return LossOutput(losses, beta * chosen.detach(), beta * rejected.detach(), (chosen > rejected).detach())
-
-
-@dataclass(frozen=True)
-class Method:
-    loss: LossFn
-    paired: bool
-    """Trains on the snapshot's pairs (chosen, rejected) instead of its thumbs (completion, label)."""
-    uses_kl: bool
-    """Needs the mismatched-pair log-probs (KTO's z), one extra no-grad forward per step."""
-
-
-LOSSES: dict[str, Method] = {
-    "kto": Method(kto_loss, paired=False, uses_kl=True),
-    "dpo": Method(dpo_loss, paired=True, uses_kl=False),
-    "ipo": Method(ipo_loss, paired=True, uses_kl=False),
-}
 
 
 def _global_mean(values: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ accuracy and thumb AUC are recorded. A trained reward model is pinned like a ref
 file plus its lineage (snapshot hash, reference hash), so PPO can refuse one that changed or belongs to another
 reference.
 
-    train_reward(config, snapshot, reference, out_dir) -> RewardResult
+    train_reward(config, snapshot, reference, out_dir) -> RunResult
     pin_reward_model(out_dir, home, name) -> RewardModelInfo
     reward_model_for(reference, home) -> RewardModelInfo | None    # newest pin trained for this reference hash
     load_reward_model(info, reference, device) -> RewardModel       # re-hashed; callable as a PPO reward
@@ -31,11 +31,13 @@ from ktoloop.snapshot import Snapshot
 from training.config import RewardConfig  # lives there: no torch to load [reward]
 from training.data import Encoded, collate, encode_completion, render_prompt
 from training.evaluate import has_split
+from training.logprobs import decoder_states
 from training.reference import Reference, _hash_dir, verify_pinned_dir
+from training.runs import METRICS_FILE, RunResult, append_metrics, finished_run, run_meta, write_meta
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_meta.json"
-METRICS_FILE = "metrics.jsonl"
+"""Its own name (not ``training_meta.json``): it tells a reward model's directory from a candidate's."""
 PIN_FILE = "reward_model.json"
 
 
@@ -52,8 +54,7 @@ class RewardModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores, shape (B,), of right-padded sequences."""
-        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = decoder_states(self.lm, input_ids, attention_mask)[1]
         last = attention_mask.long().sum(1) - 1
         return self.head(hidden[torch.arange(len(hidden), device=hidden.device), last].float()).squeeze(-1)
 
@@ -147,24 +148,13 @@ def reward_step(model: RewardModel, optimizer, scheduler, data: RewardData, pair
 
 # --------------------------------------------------------------------------------------------------- the run
 
-@dataclass
-class RewardResult:
-    out_dir: Path
-    meta: dict
-
-    @property
-    def eval(self) -> dict | None:
-        return self.meta.get("eval")
-
-
-def train_reward(config: RewardConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path) -> RewardResult:
+def train_reward(config: RewardConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path) -> RunResult:
     """Train a reward model on ``snapshot``'s train split; writes the adapter, the head, metadata and metrics."""
     from training.modeling import load_model
-    from training.runtime import lib_versions, make_trainable, setup_processes, warmup_cosine
+    from training.runtime import make_trainable, setup_processes, warmup_cosine
 
     out_dir = Path(out_dir)
-    if (out_dir / META_FILE).is_file():
-        raise KtoLoopError(f"{out_dir} already holds a trained reward model; choose another --run-id")
+    finished_run(out_dir, resume=False, meta_file=META_FILE)  # refuses to overwrite a trained one
     reference.check_version(snapshot.manifest.model_version)
     reference.verify()
     device, _, world = setup_processes(config)
@@ -188,31 +178,21 @@ def train_reward(config: RewardConfig, snapshot: Snapshot, reference: Reference,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(0, total))
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / METRICS_FILE).open("w", buffering=1) as log:  # line-buffered: progress is visible
-        for step in range(total):
-            t0 = time.perf_counter()
-            metrics = reward_step(model, optimizer, scheduler, data, _rows(n_pairs, step, config),
-                                  _rows(n_thumbs, step, config), config, tokenizer.pad_token_id, device)
-            log.write(json.dumps({"step": step + 1, **metrics, "seconds": round(time.perf_counter() - t0, 4)}) + "\n")
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
+    for step in range(total):
+        t0 = time.perf_counter()
+        metrics = reward_step(model, optimizer, scheduler, data, _rows(n_pairs, step, config),
+                              _rows(n_thumbs, step, config), config, tokenizer.pad_token_id, device)
+        append_metrics(out_dir, {"step": step + 1, **metrics, "seconds": round(time.perf_counter() - t0, 4)})
 
     score = evaluate_reward(model, tokenizer, snapshot, "eval", config)
     model.lm.save_pretrained(out_dir)
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, out_dir / HEAD_FILE)
-    meta = {
-        "kind": "reward_model",
-        "config": config.to_dict(),
-        "snapshot": {"id": snapshot.manifest.snapshot_id, "content_sha256": snapshot.manifest.content_sha256,
-                     "model_version": snapshot.manifest.model_version},
-        "reference": {"name": reference.name, "model_version": reference.model_version, "path": reference.path,
-                      "sha256": reference.sha256},
-        "steps": total, "train": {"pairs": n_pairs, "unpaired_thumbs": n_thumbs},
-        "eval": score, "seconds": round(time.time() - started, 2),
-        "versions": {"torch": torch.__version__, **lib_versions()},
-    }
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return RewardResult(out_dir, meta)
+    meta = run_meta(config, snapshot, reference, started, kind="reward_model", steps=total,
+                    train={"pairs": n_pairs, "unpaired_thumbs": n_thumbs}, eval=score)
+    return write_meta(out_dir, meta, META_FILE)
 
 
 def _rows(n: int, step: int, config: RewardConfig) -> list[int]:

@@ -3,7 +3,6 @@ torchrun process group, wrapping the model for LoRA, the learning-rate schedule,
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -89,38 +88,6 @@ def setup_processes(config: TrainConfig) -> tuple[torch.device, int, int]:
 
 def process_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-META_FILE, METRICS_FILE = "training_meta.json", "metrics.jsonl"
-"""What a candidate's directory holds next to its adapter, whichever trainer wrote it (offline or PPO)."""
-
-
-def finished_run(out_dir: Path, resume: bool) -> dict | None:
-    """The metadata of a run that already finished in ``out_dir`` (``resume`` reuses it), else None."""
-    if not (out_dir / META_FILE).is_file():
-        return None
-    if not resume:
-        raise KtoLoopError(f"{out_dir} already holds a finished run; use --resume to reuse it or another --run-id")
-    return json.loads((out_dir / META_FILE).read_text())
-
-
-def last_metrics(out_dir: Path) -> dict:
-    """The last step's line of ``metrics.jsonl`` ({} before the first step)."""
-    path = out_dir / METRICS_FILE
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the lines of steps after the checkpoint (they will be recomputed)."""
-    if not path.is_file():
-        return
-    lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    path.write_text("".join(l + "\n" for l in lines))
 
 
 def save_model(model, tokenizer, config: TrainConfig, out_dir: Path) -> None:

@@ -2,13 +2,13 @@
 
 Public functions (the flows call these; the CLI is a thin layer over them):
 
-    train(config, snapshot, reference, out_dir, *, cache_dir=None, resume=False) -> TrainResult
+    train(config, snapshot, reference, out_dir, *, cache_dir=None, resume=False) -> RunResult
         Trains ``config.method`` on ``snapshot``'s train split and writes to ``out_dir``: a peft adapter
         (``PeftModel.from_pretrained(base, out_dir)``; full fine-tuning writes a whole HF model instead),
         ``training_meta.json`` (resolved config, snapshot and reference hashes, metrics, held-out score) and
         ``metrics.jsonl`` (one line per optimizer step). Refuses a reference whose files changed or whose
         model_version differs from the snapshot's. Under torchrun every rank calls it; rank 0 writes.
-    train_sweep(config, snapshot, reference, out_dir, betas, *, cache_dir=None, resume=False) -> TrainResult
+    train_sweep(config, snapshot, reference, out_dir, betas, *, cache_dir=None, resume=False) -> RunResult
         One run per beta under ``out_dir/beta-<b>/``, each scored on the eval split; the best is copied to
         ``out_dir`` and every score is recorded in its metadata under "sweep".
     evaluate_preference(model, tokenizer, snapshot, reference, config, *, cache_dir, split="eval")
@@ -31,30 +31,19 @@ import torch
 import torch.distributed as dist
 
 from ktoloop.errors import KtoLoopError
+from ktoloop.methods import METHODS, Method
 from ktoloop.snapshot import Snapshot
 from training.config import TrainConfig
 from training.data import Encoded, encode_snapshot, collate, mismatched
-from training.evaluate import PreferenceScore, evaluate_preference, fill_reference, heldout_method, reference_cache
+from training.evaluate import evaluate_preference, fill_reference, heldout_method, reference_cache
 from training.logprobs import ReferenceCache, autocast, sequence_logps
-from training.losses import LOSSES, BatchInfo, Method
+from training.losses import BatchInfo
 from training.reference import Reference
-from training.runtime import (META_FILE, METRICS_FILE, check_decision, finished_run, last_metrics, lib_versions,
-                              make_trainable, process_rank, save_model, setup_processes, trainable_state,
-                              truncate_metrics, warmup_cosine)
+from training.runs import (META_FILE, RunResult, append_metrics, finished_run, last_metrics, load_checkpoint,
+                           run_meta, save_checkpoint, truncate_metrics, write_meta)
+from training.runtime import check_decision, make_trainable, process_rank, save_model, setup_processes, warmup_cosine
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    meta: dict
-
-    @property
-    def eval(self) -> dict | None:
-        return self.meta.get("eval")
 
 
 @dataclass
@@ -108,16 +97,16 @@ def train_step(model, optimizer, scheduler, micro_batches, data: Encoded, ref: R
 # ------------------------------------------------------------------------------------------------ the run
 
 def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path, *,
-          cache_dir: str | Path | None = None, resume: bool = False, override: str | None = None) -> TrainResult:
+          cache_dir: str | Path | None = None, resume: bool = False, override: str | None = None) -> RunResult:
     """Train one model; see the module docstring. Returns the metadata also written to training_meta.json.
     ``override``: the reason to train a snapshot whose decision refuses this run (``check_decision``)."""
     out_dir = Path(out_dir)
     overridden = check_decision(snapshot, config.method, override)
     if (meta := finished_run(out_dir, resume)) is not None:
-        return TrainResult(out_dir, meta)
+        return RunResult(out_dir, meta)
     reference.check_version(snapshot.manifest.model_version)
     reference.verify()
-    method = LOSSES[config.method]
+    method = METHODS[config.method]
     device, rank, world = setup_processes(config)
     cache_dir = Path(cache_dir) if cache_dir else out_dir / "cache"
     started = time.time()
@@ -148,41 +137,42 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, plan.total_steps))
     torch.manual_seed(config.seed + rank)  # dropout streams; the LoRA init above is identical on every rank
-    start = _load_checkpoint(out_dir, model, optimizer, scheduler, config) if resume else 0
+    saved = load_checkpoint(out_dir, model, config, "training", optimizer=optimizer, scheduler=scheduler) \
+        if resume else None
+    start = int(saved["step"]) if saved else 0
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(out_dir / METRICS_FILE, start)
+        truncate_metrics(out_dir, start)
 
     for step in range(start, plan.total_steps):
         t0 = time.perf_counter()
         metrics = train_step(model, optimizer, scheduler, plan.step(step, rank), data, ref, method, config, ctx)
         metrics.update(step=step + 1, epoch=plan.epoch(step), seconds=round(time.perf_counter() - t0, 4))
         if rank == 0:
-            with (out_dir / METRICS_FILE).open("a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+            append_metrics(out_dir, metrics)
             if (step + 1) % max(1, plan.total_steps // 10) == 0 or step + 1 == plan.total_steps:
                 log.info("step %d/%d: loss %.4f (%.2f s/step)", step + 1, plan.total_steps,
                          metrics.get("loss", float("nan")), metrics["seconds"])
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < plan.total_steps:
-            _save_checkpoint(out_dir, step + 1, model, optimizer, scheduler, config, rank)
+            save_checkpoint(out_dir, step + 1, model, config, rank=rank, optimizer=optimizer, scheduler=scheduler)
 
     score = None
     if has_eval:
         score = evaluate_preference(model, tokenizer, snapshot, reference, config, cache_dir=cache_dir)
-    meta = _meta(config, snapshot, reference, plan, world, started, score, out_dir)
-    if overridden:
-        meta["override"] = overridden
+    meta = run_meta(config, snapshot, reference, started, steps=plan.total_steps, examples=plan.n, processes=world,
+                    final_train_metrics=last_metrics(out_dir), eval=dataclasses.asdict(score) if score else None,
+                    **({"override": overridden} if overridden else {}))
     if rank == 0:
         save_model(model, tokenizer, config, out_dir)
-        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_meta(out_dir, meta)
     if world > 1:
         dist.barrier()
-    return TrainResult(out_dir, meta)
+    return RunResult(out_dir, meta)
 
 
 def train_sweep(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path,
                 betas: list[float], *, cache_dir: str | Path | None = None, resume: bool = False,
-                override: str | None = None) -> TrainResult:
+                override: str | None = None) -> RunResult:
     """Train one run per beta, keep the best held-out reward accuracy (ties: lower held-out loss), record all."""
     out_dir = Path(out_dir)
     if not betas:
@@ -202,8 +192,8 @@ def train_sweep(config: TrainConfig, snapshot: Snapshot, reference: Reference, o
         for file in Path(best["dir"]).iterdir():
             if file.is_file() and file.name != META_FILE:
                 shutil.copy2(file, out_dir / file.name)
-        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return TrainResult(out_dir, meta)
+        write_meta(out_dir, meta)
+    return RunResult(out_dir, meta)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -285,66 +275,3 @@ def _step_metrics(stats: torch.Tensor, ctx: Context, grad_norm: torch.Tensor, lr
     return {"loss": loss / n, "rewards/chosen": chosen_mean, "rewards/rejected": rejected_mean,
             "rewards/margin": chosen_mean - rejected_mean, "rewards/accuracy": correct / n, "kl": kl / micro,
             "grad_norm": float(grad_norm), "lr": lr}
-
-
-def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, config: TrainConfig, rank: int) -> None:
-    if rank == 0:
-        root = out_dir / CHECKPOINTS
-        final = root / f"step-{step:06d}"
-        tmp = root / f".step-{step:06d}.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save({"step": step, "config": config.fingerprint(), "trainable": trainable_state(model),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                   tmp / "state.pt")
-        tmp.rename(final)
-        for old in sorted(root.glob("step-*"))[: -config.keep_checkpoints]:
-            shutil.rmtree(old)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _load_checkpoint(out_dir: Path, model, optimizer, scheduler, config: TrainConfig) -> int:
-    """Restore the latest checkpoint (weights, optimizer, schedule, RNG); 0 when there is none."""
-    found = sorted((out_dir / CHECKPOINTS).glob("step-*"))
-    if not found:
-        return 0
-    state = torch.load(found[-1] / "state.pt", weights_only=False)
-    if state["config"] != config.fingerprint():
-        raise KtoLoopError(f"checkpoint {found[-1]} was written with another training config "
-                           f"({state['config']} != {config.fingerprint()}); resume with the same config")
-    params = dict(model.named_parameters())
-    missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
-    if missing:
-        raise KtoLoopError(f"checkpoint {found[-1]} does not match this model/config (e.g. {sorted(missing)[0]}); "
-                           f"start a fresh run instead of --resume")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"])
-
-
-def _meta(config, snapshot, reference, plan, world, started, score: PreferenceScore | None, out_dir: Path) -> dict:
-    last = last_metrics(out_dir)
-    return {
-        "config": config.to_dict(),
-        "config_fingerprint": config.fingerprint(),
-        "adapter": "full" if config.full_finetune else "lora",
-        "snapshot": {"id": snapshot.manifest.snapshot_id, "content_sha256": snapshot.manifest.content_sha256,
-                     "model_version": snapshot.manifest.model_version, "kto_weights": snapshot.manifest.kto_weights},
-        "reference": {"name": reference.name, "model_version": reference.model_version, "path": reference.path,
-                      "sha256": reference.sha256},
-        "steps": plan.total_steps, "examples": plan.n, "processes": world,
-        "final_train_metrics": last,
-        "eval": dataclasses.asdict(score) if score else None,
-        "seconds": round(time.time() - started, 2),
-        "versions": {"torch": torch.__version__, **lib_versions()},
-    }
-
-

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # flow_helpers, for the test modules
 
 
 @pytest.fixture(scope="module")
@@ -17,3 +22,4 @@ def harness(tmp_path_factory):
     }):
         with prefect_test_harness(server_startup_timeout=120):
             yield
+

@@ -8,10 +8,11 @@ import random
 import pytest
 
 from flows.dataset import DatasetConfig, build_dataset, kto_weights
-from flows.eligibility import DataStats, GateConfig, IneligibleMethod, decide
+from flows.eligibility import IneligibleMethod, decide
 from ingest.landing import Batch, land
 from ingest.schema import EventDecoder, encode_event
 from ktoloop import data
+from ktoloop.methods import DataStats, GateConfig
 from ktoloop.snapshot import load_snapshot
 from ktoloop.store import Store
 
@@ -253,6 +254,7 @@ def test_real_hh_rlhf_feedback(tmp_path, shared_data):
     assert d.eligibility["dpo"]["eligible"]
 
 
+@pytest.mark.slow
 def test_cli_builds_only_for_a_pinned_reference_version(tmp_path, tiny_model_dir):
     import subprocess
     import sys
@@ -291,3 +293,35 @@ def test_minimum_lengths_and_sources_filter_the_window(tmp_path):
     assert counts["events_in_window"] == counts["answers"] == 15  # the 2-character answers are out
     counts = build_dataset(store, tmp_path / "b", config(sources=["app"], min_prompt_chars=9), V1).snapshot.manifest.counts
     assert counts["events_in_window"] == 6  # source app (i % 3 == 0) and 9+ characters (i >= 10): 12, 15, ..., 27
+
+
+@pytest.mark.slow
+def test_the_cli_and_the_flows_build_the_same_snapshot_and_decision(tmp_path, tiny_model_dir):
+    """One door: ``ktoloop dataset build`` and the retrain flow's build step (``flows.loop.build``) see the same
+    data and the same reward model, so they record the same decision (PPO eligible once a reward model exists;
+    the CLI used to build without asking and overwrote the flow's decision with "no reward model")."""
+    from flows.loop import build
+    from ktoloop.cli import main
+    from ktoloop.config import load_settings
+    from training.reference import pin_reference
+    from training.reward import RewardConfig, pin_reward_model, train_reward
+
+    config = tmp_path / "ktoloop.toml"
+    config.write_text('home = "home"\n[dataset]\nholdout_fraction = 0.2\n[dataset.gates]\nmin_examples = 10\n'
+                      'min_pairs = 10\nppo_enabled = true\nppo_budget_tokens = 4096\n')
+    settings = load_settings(config)
+    reference = pin_reference(tiny_model_dir, V1, settings.home_dir)
+    store_with(settings.home_dir, [event(2 * i + k, f"Tell me about topic {i}.", answer, k == 0)
+                                   for i in range(60) for k, answer in enumerate(("Sure, gladly!", "no."))],
+               name="ktoloop.duckdb")
+    first = build(settings)
+    assert first.decision.eligibility["ppo"]["reason"].startswith("no reward model")
+    rm = train_reward(RewardConfig(max_steps=1, batch_size=4, device="cpu"), first.snapshot, reference,
+                      tmp_path / "rm")
+    pin_reward_model(rm.out_dir, settings.home_dir, "rm-1")
+
+    assert main(["--config", str(config), "dataset", "build"]) == 0
+    by_cli = load_snapshot(first.snapshot.manifest.snapshot_id, settings.home_dir).manifest.decision
+    by_flow = build(settings).decision.to_dict()
+    assert by_cli == by_flow
+    assert by_flow["eligibility"]["ppo"] == {"eligible": True, "reason": "eligible"}

@@ -80,6 +80,7 @@ def exchangeable_pairs_snapshot(root: Path, n: int = 80):
     return write_snapshot(root, "noise", kto_train=thumbs[:8], kto_eval=thumbs, pairs_train=rows[:4], pairs_eval=rows)
 
 
+@pytest.mark.slow
 def test_random_noise_adapters_are_not_promoted(tiny_model_dir, tmp_path):
     """An untrained LoRA with random N(0, 0.03) weights on q/k/v/o moves the log-probs but learns nothing:
     the old rule (any lower held-out loss) promoted 3 of 8 such; the paired bound must reject them.

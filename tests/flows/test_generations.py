@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from flow_helpers import tiny_loop_sections
 from flows.lineage import served_version
 from ktoloop.store import Store
 
@@ -53,20 +54,7 @@ partitions = 1
 holdout_fraction = 0.2
 [dataset.gates]
 min_examples = 100
-[training]
-lr = 2e-3
-max_steps = 12
-batch_size = 8
-max_length = 64
-max_prompt_length = 32
-lora_r = 4
-lora_alpha = 8
-lora_dropout = 0.0
-[monitoring]
-quick_sizes = {{ wikitext2 = 3, arc_easy = 20 }}
-max_length = 128
-batch_tokens = 2048
-""")
+""" + tiny_loop_sections())
     monkeypatch.setenv("KTOLOOP_CONFIG", str(config))
     monkeypatch.delenv("KTOLOOP_HOME", raising=False)
     settings = load_settings(config)

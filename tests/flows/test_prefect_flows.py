@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from flow_helpers import tiny_loop_sections
 from ingest.landing import Batch, land
 from ingest.schema import EventDecoder, encode_event
 from ktoloop.store import Store
+
+pytestmark = pytest.mark.slow  # Prefect flows under a test API: tens of seconds each
 
 VERSION = "tiny-v1"
 TOPICS = [f"topic {i}" for i in range(400)]
@@ -45,23 +48,7 @@ holdout_fraction = 0.2
 [dataset.gates]
 min_examples = {min_examples}
 warn_examples = 5000
-[training]
-lr = {lr}
-max_steps = 12
-batch_size = 8
-max_length = 64
-max_prompt_length = 32
-lora_r = 4
-lora_alpha = 8
-lora_dropout = 0.0
-full_finetune = {str(full_finetune).lower()}
-[monitoring]
-quick_sizes = {{ wikitext2 = 3, arc_easy = 20 }}
-max_length = 128
-batch_tokens = 2048
-[flows]
-drain_before_retrain = false
-""")
+""" + tiny_loop_sections(lr, f"full_finetune = {str(full_finetune).lower()}", "[flows]\ndrain_before_retrain = false\n"))
     return config
 
 

@@ -21,7 +21,7 @@ from ingest.synthetic import synthetic_events
 from ktoloop.config import load_settings
 from ktoloop.store import Store
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 def make_config(tmp_path: Path, bootstrap: str, **ingest: object) -> Path:

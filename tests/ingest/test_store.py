@@ -26,6 +26,7 @@ def test_migrations_apply_once_in_order(tmp_path):
     assert versions == sorted(v for v, _, _ in MIGRATIONS)
 
 
+@pytest.mark.slow
 def test_reader_and_writer_wait_for_another_process(tmp_path):
     store = Store(tmp_path / "k.duckdb", lock_timeout_s=20)
     store.init()

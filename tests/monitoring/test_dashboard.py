@@ -23,6 +23,8 @@ from monitoring.harness import BenchmarkResult, EvalRun, save_run
 from monitoring.reports import drift_report, log_evaluation
 from monitoring.synthetic import feedback_frame, insert_dead_letters, insert_feedback
 
+pytestmark = pytest.mark.slow  # an Evidently UI server and headless Chromium
+
 REPO = Path(__file__).resolve().parents[2]
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 DAY = dt.timedelta(days=1)

@@ -133,6 +133,7 @@ def test_statistics_on_counts():
     assert shifted.effect == pytest.approx(0.5) and shifted.p_value < 1e-10
 
 
+@pytest.mark.slow
 def test_evidently_default_categorical_drift_misses_what_ours_catches(tmp_path):
     """Why the custom test exists: ValueDrift's default (Jensen-Shannon, threshold 0.1) calls 70 % -> 62 % stable."""
     from evidently import DataDefinition, Dataset, Report

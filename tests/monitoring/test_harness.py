@@ -99,6 +99,7 @@ def bench_dir(tmp_path, shared_data):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_every_task_runs_and_runs_compare_from_the_store(tiny_model_dir, bench_dir, tmp_path):
     config = MonitorConfig(benchmarks_dir=str(bench_dir), max_length=64, seed=3,
                            quick_sizes={"arc_easy": 8, "piqa": 8, "winogrande": 8, "lambada": 8, "hellaswag": 4,

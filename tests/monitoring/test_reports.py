@@ -76,6 +76,7 @@ def series(workspace, project_id, metric_type: str, tags: list[str] | None = Non
     return asyncio.run(storage.get_data_series(project_id, [flt], None, None)).series
 
 
+@pytest.mark.slow
 def test_two_reports_fill_the_workspace_and_its_panels(three_weeks, tmp_path):
     from monitoring.workspace import open_project
 
@@ -118,6 +119,7 @@ def test_two_reports_fill_the_workspace_and_its_panels(three_weeks, tmp_path):
     assert {s.params["stat"] for s in series(ws, project.id, "ShareDriftPValue")} >= {"label"}
 
 
+@pytest.mark.slow
 def test_workspace_loads_without_our_metric_classes(three_weeks, tmp_path):
     """`evidently ui` runs in its own process, which never imports monitoring: snapshots must load there."""
     ws = tmp_path / "workspace"

@@ -9,8 +9,8 @@ from training.logprobs import sequence_logps
 
 
 @pytest.fixture(scope="module")
-def tok(smollm2_dir):
-    return AutoTokenizer.from_pretrained(smollm2_dir)
+def tok(smollm2_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
 
 
 def encoded(tok, prompt, completion, max_length=512, max_prompt_length=256):

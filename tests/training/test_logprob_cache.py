@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flows.dataset import DatasetConfig, build_dataset
-from flows.eligibility import GateConfig
+from ktoloop.methods import GateConfig
 from ingest.landing import Batch, land
 from ingest.schema import EventDecoder, encode_event
 from ktoloop.store import Store
@@ -49,6 +49,7 @@ def land_events(path, events) -> Store:
 
 
 @pytest.mark.parametrize("method, first_loss", [("kto", 0.5), ("dpo", math.log(2))])
+@pytest.mark.slow
 def test_replayed_in_another_order_rebuilt_and_trained_step_one_is_exact(method, first_loss, tiny_reference,
                                                                          tmp_path):
     events = []

@@ -5,17 +5,26 @@ import math
 import pytest
 import torch
 
-from training.config import METHODS
-from training.losses import LOSSES, BatchInfo, dpo_loss, ipo_loss, kto_loss
+from ktoloop.config import ConfigError
+from ktoloop.methods import METHODS, OFFLINE
+from training.config import TrainConfig
+from training.losses import BatchInfo, dpo_loss, ipo_loss, kto_loss
 
 
 def sig(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
-def test_registry_matches_config_methods():
-    assert set(LOSSES) == set(METHODS)
-    assert [LOSSES[m].paired for m in ("kto", "dpo", "ipo")] == [False, True, True]
+def test_one_registry_names_every_method_and_its_loss():
+    """The config, the CLI and the trainer derive their methods from ``METHODS``: every offline entry resolves to
+    its loss, the online one (PPO) has none and is no ``[training] method``."""
+    assert OFFLINE == ("kto", "dpo", "ipo") and list(METHODS) == ["kto", "dpo", "ipo", "ppo"]
+    assert [METHODS[m].loss for m in OFFLINE] == [kto_loss, dpo_loss, ipo_loss]
+    assert [METHODS[m].paired for m in OFFLINE] == [False, True, True]
+    with pytest.raises(AttributeError, match="online"):
+        METHODS["ppo"].loss
+    with pytest.raises(ConfigError, match="training.method must be one of"):
+        TrainConfig(method="ppo")
 
 
 def test_kto_hand_computed():

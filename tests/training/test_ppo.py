@@ -13,6 +13,8 @@ from ktoloop.errors import KtoLoopError
 from training.ppo import Budget, HackingGuard, PPOConfig, gae, kl_penalised_rewards, ppo_loss, train_ppo
 from training.reference import pin_reference
 
+pytestmark = pytest.mark.slow  # PPO runs: rollouts, updates, evaluations
+
 # The reward is learnable by a 16-wide model only if its output can move: LoRA on lm_head too, high lr.
 LEARN = dict(rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=8, lr=2e-2, kl_coef=0.05,
              lora_r=8, lora_alpha=16, lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "lm_head"],

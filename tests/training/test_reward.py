@@ -39,6 +39,7 @@ def test_only_unpaired_thumbs_get_the_logistic_loss(mixed, tiny_model_dir):
     assert sorted(data.thumbs.desirable) == sorted(bool(i % 2) for i in range(8))  # the unpaired topics' labels
 
 
+@pytest.mark.slow
 def test_reward_model_separates_heldout_answers_and_is_pinned(mixed, tiny_reference, home, tmp_path):
     result = train_reward(RewardConfig(**FAST), mixed, tiny_reference, tmp_path / "rm")
     score = result.eval

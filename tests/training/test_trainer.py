@@ -62,6 +62,7 @@ def test_each_method_end_to_end(method, tiny_reference, tiny_model_dir, tmp_path
     assert rows[0]["loss"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_kto_raises_heldout_reward_of_desirable_completions(tiny_reference, toy, tmp_path):
     config = TrainConfig(method="kto", epochs=1, **FAST)
     base, tok = load_model(tiny_reference.path, device="cpu")
@@ -80,6 +81,7 @@ def test_kto_raises_heldout_reward_of_desirable_completions(tiny_reference, toy,
     assert again.reward_margin == pytest.approx(after["reward_margin"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_resume_continues_to_the_same_result(tiny_reference, toy, tmp_path):
     config = TrainConfig(method="kto", max_steps=6, checkpoint_every=3, lora_dropout=0.1, **FAST)
     full = tmp_path / "full"
@@ -106,6 +108,7 @@ def test_resume_continues_to_the_same_result(tiny_reference, toy, tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_full_finetune_reuses_the_reference_cache(tiny_reference, toy, tmp_path):
     cache = tmp_path / "cache"
     train(TrainConfig(method="dpo", max_steps=2, **FAST), toy, tiny_reference, tmp_path / "lora", cache_dir=cache)
@@ -132,6 +135,7 @@ def test_refuses_changed_reference_and_foreign_snapshot(tiny_model_dir, toy, tmp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_sweep_trains_each_beta_and_keeps_the_best(tiny_model_dir, toy, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KTOLOOP_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
@@ -151,6 +155,7 @@ def test_cli_sweep_trains_each_beta_and_keeps_the_best(tiny_model_dir, toy, tmp_
     assert json.loads(printed[printed.index("{"):])["best_beta"] == meta["best_beta"]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_loss_as_one(tiny_reference, toy, tmp_path):
     worker = Path(__file__).parent / "dist_worker.py"
     pin_home = tmp_path / "home"  # where the tiny_reference fixture pinned it

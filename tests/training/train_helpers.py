@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from flows.eligibility import RULES
+from ktoloop.methods import METHODS
 from ktoloop.snapshot import (KTO_COLUMNS, KTO_FILE, MANIFEST, PAIR_COLUMNS, PAIRS_FILE, Manifest, load_snapshot,
                               write_files)
 
@@ -42,7 +42,7 @@ def write_snapshot(root: Path, snapshot_id: str = "snap-test", *, kto_train: lis
 def all_eligible(method: str = "kto") -> dict:
     """A decision that trains ``method`` and finds every method eligible (hand-made snapshots)."""
     return {"method": method, "train": True, "reasons": [f"{method}: hand-made snapshot"],
-            "eligibility": {m: {"eligible": True, "reason": "eligible"} for m in RULES}}
+            "eligibility": {m: {"eligible": True, "reason": "eligible"} for m in METHODS}}
 
 
 def good(topic: str) -> str:

@@ -8,6 +8,7 @@ Running it twice reuses what the first run finished (same events, same snapshot 
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import time
@@ -17,6 +18,20 @@ from ktoloop import data
 from ktoloop.config import Settings
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "ktoloop.demo.toml"
+
+
+def add_commands(sub) -> None:
+    demo = sub.add_parser("demo", help="the whole loop on embedded defaults (what `make demo` runs)")
+    demo.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from ktoloop.config import load_settings
+
+    config = Path(args.config or os.environ.get("KTOLOOP_CONFIG") or DEMO_CONFIG).resolve()
+    os.environ["KTOLOOP_CONFIG"] = str(config)  # the Prefect flows load their settings from the same file
+    run_demo(load_settings(config))
+    return 0
 
 
 class Progress:
