@@ -29,12 +29,12 @@ sys.path.insert(0, str(REPO))
 
 SETTINGS: dict[str, dict] = {
     "demo": {},
-    "len160": {"max_length": 160, "max_prompt_length": 96},
-    "len160-s48": {"max_length": 160, "max_prompt_length": 96, "max_steps": 48},
-    "len160-s48-lr1e-3": {"max_length": 160, "max_prompt_length": 96, "max_steps": 48, "lr": 1e-3},
-    "len160-s48-beta0.3": {"max_length": 160, "max_prompt_length": 96, "max_steps": 48, "beta": 0.3},
-    "len160-dpo-s32": {"max_length": 160, "max_prompt_length": 96, "method": "dpo"},
-    "s60-b16": {"max_steps": 60, "batch_size": 16, "warmup_steps": 5},
+    "dpo": {"method": "dpo"},
+    "beta0.3": {"beta": 0.3},
+    "lr1e-3": {"lr": 1e-3},
+    "s32-256tok": {"max_steps": 32, "max_length": 256, "max_prompt_length": 160},
+    "s60-b16-256tok": {"max_steps": 60, "batch_size": 16, "warmup_steps": 5, "max_length": 256,
+                       "max_prompt_length": 160},
 }
 
 

@@ -24,9 +24,9 @@ is held to ``kl_bound`` too (no rollout measured the last update): above it, the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
