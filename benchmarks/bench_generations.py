@@ -91,11 +91,14 @@ def sample(model, tokenizer, prompts: list[str], per_prompt: int, max_new_tokens
             out.texts.append(tokenizer.decode(completion, skip_special_tokens=True).strip())
             out.finished.append(finished)
             out.prompt_ids.append(prompt_ids)
-            out.completion_ids.append(completion if finished else completion + [tokenizer.eos_token_id])
+            out.completion_ids.append(completion)  # the sampled tokens only: KL is over what was sampled
     return out
 
 
 def kl_to_base(model, base_model, samples: Samples, pad_id: int) -> float:
+    """Monte-Carlo KL(p_g || p_0) per answer: the mean over p_g's own samples of log p_g(y|x) - log p_0(y|x),
+    summed over the sampled tokens only (an end-of-turn token appended to a cut-off answer was never sampled
+    and would bias it: the first run, which appended one, printed -1.19 nats)."""
     import torch
 
     from training.data import Encoded

@@ -8,9 +8,10 @@ reference log-probs, an existing candidate and its stored evaluation instead of 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ def drain(settings: Settings) -> dict[str, Any]:
 
 
 def build(settings: Settings, *, model_version: str | None = None, method: str | None = None,
-          since=None, until=None, holdout: float | None = None) -> BuildResult:
+          since: dt.datetime | None = None, until: dt.datetime | None = None,
+          holdout: float | None = None) -> BuildResult:
     """Snapshot the serving model's feedback (or ``model_version``'s) in [since, until) and decide the method
     (PPO sees whether a reward model exists). ``holdout`` overrides ``dataset.holdout_fraction``."""
     version = lineage.resolve_model_version(settings, store_of(settings), model_version)
