@@ -68,10 +68,12 @@ def gate_run(reference, root: Path, seed: int, shuffled: bool, n_prompts: int = 
                            next_offsets={("fb", 0): len(events)}))
     config = DatasetConfig(holdout_fraction=0.3, split_salt=f"seed-{seed}",
                            gates=GateConfig(min_examples=1, warn_examples=1, min_pairs=1))
-    snapshot = build_dataset(store, root, config, VERSION).snapshot
+    built = build_dataset(store, root, config, VERSION)
+    snapshot = built.snapshot
     train_config = TrainConfig(method="kto", max_steps=12, batch_size=8, lr=2e-3, seed=seed, max_length=64,
                                max_prompt_length=32, lora_r=4, lora_alpha=8, lora_dropout=0.0, device="cpu")
-    result = train(train_config, snapshot, reference, root / "candidate", cache_dir=root / "cache")
+    result = train(train_config, snapshot, reference, root / "candidate", decision=built.decision,
+                   cache_dir=root / "cache")
     mine = result.eval
     return paired_test(mine["scores"], reference_score(snapshot, train_config).scores, form=mine["form"])
 
@@ -86,11 +88,11 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 
 
 def tiny_reference(root: Path):
-    from training.modeling import materialize_smollm2, tiny_model_dir
+    from training.modeling import materialize_smollm2, random_llama_dir
     from training.reference import pin_reference
 
     tokenizer_dir = materialize_smollm2(Path.home() / ".cache" / "ktoloop" / "smollm2-135m-instruct")
-    return pin_reference(tiny_model_dir(root / "tiny", tokenizer_dir=tokenizer_dir), VERSION, root / "home")
+    return pin_reference(random_llama_dir(root / "tiny", tokenizer_dir=tokenizer_dir), VERSION, root / "home")
 
 
 def main() -> None:

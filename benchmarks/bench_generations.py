@@ -133,7 +133,7 @@ holdout_fraction = 0.25
 method = "kto"
 max_steps = {steps}
 batch_size = 16
-lr = 5e-4
+lr = {lr}
 warmup_steps = 5
 beta = 0.1
 max_length = 176
@@ -153,7 +153,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=400, help="training prompts per generation (2 answers each)")
     parser.add_argument("--heldout", type=int, default=96, help="held-out prompts (2 answers each) for the rates")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60, help="KTO steps per retrain (batch 16)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate of each retrain")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--home", default="", help="state folder (default: a temporary one)")
     args = parser.parse_args()
@@ -164,7 +165,7 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     config = home / "ktoloop.toml"
-    config.write_text(CONFIG.format(home=home / "state", port=port, steps=args.steps))
+    config.write_text(CONFIG.format(home=home / "state", port=port, steps=args.steps, lr=args.lr))
     os.environ["KTOLOOP_CONFIG"] = str(config)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 

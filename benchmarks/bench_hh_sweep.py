@@ -79,7 +79,8 @@ def main() -> None:
                                                                  DEFAULT_MODEL_VERSION)]
     land(store, "sweep", Batch(events=events, positions=[("hh", 0, i) for i in range(len(events))],
                                next_offsets={("hh", 0): len(events)}))
-    snapshot = build_dataset(store, home, dataset, DEFAULT_MODEL_VERSION).snapshot
+    built = build_dataset(store, home, dataset, DEFAULT_MODEL_VERSION)
+    snapshot = built.snapshot
     print(f"snapshot {snapshot.manifest.snapshot_id}: holdout_fraction {dataset.holdout_fraction}, "
           f"{snapshot.rows('pairs', 'eval')} held-out pairs; base setting: {base.method} {base.max_steps} x "
           f"{base.batch_size}, lr {base.lr:g}, beta {base.beta:g}, {base.max_length}/{base.max_prompt_length} tokens, "
@@ -91,7 +92,7 @@ def main() -> None:
         config = dataclasses.replace(base, **SETTINGS[name])
         t0 = time.perf_counter()
         result = train(config, snapshot, reference, home / "runs" / name, cache_dir=home / "cache",
-                       override="benchmark")
+                       override="benchmark", decision=built.decision)
         seconds = time.perf_counter() - t0
         mine = result.eval
         test = paired_test(mine["scores"], reference_score(snapshot, config).scores, form=mine["form"])

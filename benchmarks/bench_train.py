@@ -47,13 +47,13 @@ def make_texts(tokenizer, n: int, seq_len: int, seed: int = 0) -> list[dict]:
 
 
 def build_model(args, work: Path) -> Path:
-    from training.modeling import materialize_smollm2, tiny_model_dir
+    from training.modeling import materialize_smollm2, random_llama_dir
 
     cache = Path(os.environ.get("KTOLOOP_CACHE", Path.home() / ".cache" / "ktoloop"))
     smollm2 = materialize_smollm2(cache / "smollm2-135m-instruct")
     if args.device == "cuda":
         return smollm2  # the real SmolLM2-135M-Instruct weights and architecture
-    return tiny_model_dir(work / "tiny", tokenizer_dir=smollm2, hidden_size=args.hidden, layers=args.layers)
+    return random_llama_dir(work / "tiny", tokenizer_dir=smollm2, hidden_size=args.hidden, layers=args.layers)
 
 
 def peak_memory(device: str) -> float:
@@ -82,7 +82,8 @@ def run_ours(args, model_dir: Path, rows: list[dict], work: Path) -> dict:
                          full_finetune=not args.lora, lora_dropout=0.0, max_length=args.seq_len,
                          max_prompt_length=args.seq_len // 2, device=args.device, max_grad_norm=1.0)
     start = time.perf_counter()
-    train(config, load_snapshot(snap), reference, work / "out", cache_dir=work / "cache")
+    train(config, load_snapshot(snap), reference, work / "out", cache_dir=work / "cache",
+          override="benchmark: a hand-made snapshot of synthetic rows")
     total = time.perf_counter() - start
     steps = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     step_seconds = sum(s["seconds"] for s in steps[1:])  # step 1 includes one-off warm-up (allocations, kernels)

@@ -20,7 +20,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--method", choices=list(METHODS), help="force a method (must be eligible)")
     build.add_argument("--holdout", type=float, help="share of prompts held out (default from [dataset])")
     build.set_defaults(func=_build)
-    show = dataset_sub.add_parser("show", help="counts, balance, noise and the decision of a snapshot")
+    show = dataset_sub.add_parser("show", help="counts, balance, noise and this config's decision about a snapshot")
     show.add_argument("snapshot_id", help="id from `ktoloop dataset list`, or a snapshot directory")
     show.set_defaults(func=_show)
     dataset_sub.add_parser("list", help="snapshots recorded in DuckDB").set_defaults(func=_list)
@@ -42,14 +42,16 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
                    until=args.until, holdout=args.holdout)
     print(f"snapshot {result.snapshot.manifest.snapshot_id} ({'reused' if result.reused else 'built'} in "
           f"{result.seconds:.1f} s) at {result.snapshot.path}")
-    _print_summary(result.snapshot.manifest)
+    _print_summary(result.snapshot.manifest, result.decision)
     return 0
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.loop import decide
     from ktoloop.snapshot import load_snapshot
 
-    _print_summary(load_snapshot(args.snapshot_id, settings.home_dir).manifest)
+    snapshot = load_snapshot(args.snapshot_id, settings.home_dir)
+    _print_summary(snapshot.manifest, decide(settings, snapshot.manifest.snapshot_id, record=False))
     return 0
 
 
@@ -64,13 +66,14 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _print_summary(m) -> None:
-    c, d = m.counts, m.decision
+def _print_summary(m, d) -> None:
+    """A snapshot's counts and weights, and the decision about it under this config (``d``)."""
+    c = m.counts
     up, down = c["kto_train_desirable"], c["kto_train_undesirable"]
     print(f"model version {m.model_version}; content sha256 {m.content_sha256}")
     print(f"events in window {c['events_in_window']}, other model versions excluded {c['excluded_other_versions']}, "
           f"duplicates collapsed {c['duplicates_collapsed']}")
-    print(f"answers {c['answers']}, conflicts (label noise) {c['conflicts']} = {d['noise_rate']:.2%}")
+    print(f"answers {c['answers']}, conflicts (label noise) {c['conflicts']} = {d.noise_rate:.2%}")
     print(f"KTO train: {up} up / {down} down (balance {up / max(1, up + down):.1%} up); "
           f"eval: {c['kto_eval_desirable']} up / {c['kto_eval_undesirable']} down; "
           f"prompts {c['prompts']} ({c['prompts_eval']} held out)")
@@ -78,13 +81,13 @@ def _print_summary(m) -> None:
     w = m.kto_weights
     print(f"KTO weights: lambda_D {w['desirable']:.3f}, lambda_U {w['undesirable']:.3f} "
           f"(lambda_D*n_D / lambda_U*n_U = {w['ratio']:.3f})")
-    verdict = f"train with {d['method'].upper()}" if d["train"] else "NO TRAINING"
-    print(f"decision: {verdict}")
-    for line in d["reasons"]:
+    verdict = f"train with {d.method.upper()}" if d.train else "NO TRAINING"
+    print(f"decision: {verdict} (rule settings {d.key})")
+    for line in d.reasons:
         print(f"  - {line}")
-    for line in d["warnings"]:
+    for line in d.warnings:
         print(f"  ! {line}")
-    for method, e in sorted(d["eligibility"].items()):
+    for method, e in sorted(d.eligibility.items()):
         print(f"  {method}: {'eligible' if e['eligible'] else 'not eligible: ' + e['reason']}")
 
 

@@ -3,6 +3,8 @@
 All set work is DuckDB SQL over one read-only connection (a consistent view; the consumer's writes wait
 for it). The output is Parquet plus a manifest (see ``ktoloop.snapshot``) whose id is the hash of the
 content, so building twice from the same data yields the same snapshot and the trainers can reuse work.
+A snapshot is written once and never changed; the method decision about it (``ktoloop.decision``) is
+recorded beside it in the ``decisions`` table, one row per snapshot and rule settings.
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ import pyarrow.compute as pc
 from duckdb.sqltypes import VARCHAR
 
 from flows.config import DatasetConfig  # the [dataset] section lives there: loading it needs no DuckDB
-from flows.eligibility import Decision, decide
-from ktoloop.methods import DataStats
+from ktoloop.decision import Decision, decide_snapshot
 from ktoloop.snapshot import KTO_FILE, MANIFEST, PAIRS_FILE, Manifest, Snapshot, load_snapshot, snapshots_dir
 from ktoloop.store import Store
 
@@ -166,29 +167,25 @@ def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_v
             con.execute(UNITS_SQL, [model_version, config.split_salt, config.holdout_fraction])
             con.execute(PAIRS_SQL, [config.max_pairs_per_prompt])
             counts = _counts(con, model_version)
-            stats = DataStats(desirable=counts["kto_train_desirable"], undesirable=counts["kto_train_undesirable"],
-                              pairs=counts["pairs_train"], conflicts=counts["conflicts"], units=counts["answers"],
-                              reward_model=reward_model)
-            decision = decide(stats, config.gates, forced=force_method)
             content = _content_hash(con)
             _copy(con, KTO_FILE_SQL, work / KTO_FILE)
             _copy(con, PAIRS_FILE_SQL, work / PAIRS_FILE)
             watermark = _watermark(con)
         snapshot_id = f"ds-{content[:12]}"
+        data = {k: v for k, v in asdict(config).items() if k != "gates"}  # the gates shape decisions, not data
         manifest = Manifest(
             snapshot_id=snapshot_id, content_sha256=content, model_version=model_version,
-            kto_weights=kto_weights(stats.desirable, stats.undesirable, config.max_class_weight),
-            decision=decision.to_dict(), counts=counts,
-            params={"since": since.isoformat(), "until": until.isoformat(), "model_version": model_version,
-                    "force_method": force_method, **asdict(config)},
+            kto_weights=kto_weights(counts["kto_train_desirable"], counts["kto_train_undesirable"],
+                                    config.max_class_weight),
+            counts=counts,
+            params={"since": since.isoformat(), "until": until.isoformat(), "model_version": model_version, **data},
             query="\n".join((SCOPE_SQL, PROMPT_TEXTS_SQL, UNITS_SQL, PAIRS_SQL, KTO_FILE_SQL, PAIRS_FILE_SQL)), watermark=watermark,
             created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         )
         (work / MANIFEST).write_text(manifest.to_json())
         final = root / snapshot_id
         reused = final.exists()
-        if reused:  # same content already snapshotted: keep its files, refresh the decision and parameters
-            (work / MANIFEST).replace(final / MANIFEST)
+        if reused:  # same content already snapshotted: it stays as first written
             shutil.rmtree(work)
         else:
             work.rename(final)
@@ -197,10 +194,12 @@ def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_v
         raise
     snapshot = load_snapshot(final)
     _record(store, snapshot, final)
+    decision = decide_snapshot(snapshot_id, snapshot.manifest.counts, config.gates, force_method, reward_model)
+    record_decision(store, decision)
     seconds = time.monotonic() - started
     log.info("dataset %s %s in %.1f s: %s", snapshot_id, "reused" if reused else "built", seconds,
              "; ".join(decision.reasons + decision.warnings))
-    return BuildResult(snapshot, Decision(**snapshot.manifest.decision), reused, seconds)
+    return BuildResult(snapshot, decision, reused, seconds)
 
 
 def normalize_prompts(prompts: pa.Array) -> pa.Array:
@@ -255,8 +254,9 @@ def _content_hash(con: Any) -> str:
     label, hash of the prompt text written) for KTO, (prompt key, chosen hash, rejected hash) for pairs, XOR-ed over rows under two hash seeds.
 
     DuckDB's parallel aggregation does not fix row order and hashing the text again would cost as much as
-    the build, so the identity of each row is hashed, not its bytes. The Parquet files of a snapshot id are
-    written once; a rebuild of the same content refreshes only its manifest (decision, parameters, watermark).
+    the build, so the identity of each row is hashed, not its bytes. A snapshot id's files and manifest are
+    written once: a rebuild of the same content reuses them (its counts, weights and watermark are the
+    first build's).
     """
     digest = hashlib.sha256(f"snapshot format {SNAPSHOT_FORMAT};".encode())
     for split, is_eval in SPLITS:
@@ -273,14 +273,35 @@ def _record(store: Store, snapshot: Snapshot, path: Path) -> None:
     m = snapshot.manifest
     with store.writer() as con:
         con.execute(
-            "INSERT OR REPLACE INTO datasets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, current_timestamp)",
+            "INSERT INTO datasets (snapshot_id, content_sha256, model_version, path, counts, kto_weights, params, "
+            "watermark, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, current_timestamp) "
+            "ON CONFLICT (snapshot_id) DO NOTHING",
             [m.snapshot_id, m.content_sha256, m.model_version, str(path), json.dumps(m.counts),
-             json.dumps(m.decision), json.dumps(m.kto_weights), json.dumps(m.params, default=str),
-             json.dumps(m.watermark)],
+             json.dumps(m.kto_weights), json.dumps(m.params, default=str), json.dumps(m.watermark)],
         )
 
 
+def record_decision(store: Store, decision: Decision) -> None:
+    """Keep a decision under (snapshot, settings key); the same key always holds the same decision (it is a
+    pure function of the snapshot's counts and the settings), so the first row stands."""
+    with store.writer() as con:
+        con.execute("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, current_timestamp) "
+                    "ON CONFLICT (snapshot_id, decision_key) DO NOTHING",
+                    [decision.snapshot_id, decision.key, decision.method, decision.train,
+                     json.dumps(decision.to_dict())])
+
+
+def decisions_of(store: Store, snapshot_id: str) -> list[Decision]:
+    """Every decision recorded about a snapshot, the latest first."""
+    with store.reader() as con:
+        rows = con.execute("SELECT decision FROM decisions WHERE snapshot_id = ? ORDER BY decided_at DESC",
+                           [snapshot_id]).fetchall()
+    return [Decision.from_dict(json.loads(row[0])) for row in rows]
+
+
 def list_datasets(store: Store) -> Any:
-    return store.read("SELECT snapshot_id, model_version, created_at, counts->>'kto_train_desirable' AS up, "
-                      "counts->>'kto_train_undesirable' AS down, counts->>'pairs_train' AS pairs, "
-                      "decision->>'method' AS method FROM datasets ORDER BY created_at DESC")
+    """Snapshots, the latest first, with the method of the latest decision about each."""
+    return store.read("SELECT d.snapshot_id, d.model_version, d.created_at, d.counts->>'kto_train_desirable' AS up, "
+                      "d.counts->>'kto_train_undesirable' AS down, d.counts->>'pairs_train' AS pairs, "
+                      "(SELECT c.method FROM decisions c WHERE c.snapshot_id = d.snapshot_id "
+                      " ORDER BY c.decided_at DESC LIMIT 1) AS method FROM datasets d ORDER BY d.created_at DESC")

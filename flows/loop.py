@@ -1,4 +1,4 @@
-"""The loop's steps as plain functions: drain, build, train, evaluate, gate, monitor.
+"""The loop's steps as plain functions: drain, build, decide, train, evaluate, gate, promote, monitor.
 
 The Prefect flows (``flows.prefect_flows``, which also orchestrate the retrain) and the CLI both call these,
 so there is one implementation of each step. Every step is idempotent on its inputs: a re-run with the same snapshot reuses the cached
@@ -17,9 +17,10 @@ from typing import Any
 
 from flows import lineage, registry
 from flows.config import LoopConfig  # the [flows] section lives there: loading it needs no Prefect
-from flows.dataset import BuildResult, DatasetConfig, build_dataset
+from flows.dataset import BuildResult, DatasetConfig, build_dataset, record_decision
 from flows.gate import Gate, paired_test, verdict
 from ktoloop.config import Settings, load_section
+from ktoloop.decision import Decision, decide_snapshot
 from ktoloop.errors import KtoLoopError
 from ktoloop.methods import METHODS
 from ktoloop.snapshot import Snapshot, load_snapshot
@@ -69,6 +70,19 @@ def build(settings: Settings, *, model_version: str | None = None, method: str |
                          force_method=method, reward_model=_has_reward_model(settings, version))
 
 
+def decide(settings: Settings, snapshot_id: str, method: str | None = None, *, record: bool = True) -> Decision:
+    """The method decision about a snapshot (its id, or its directory) under this config's rules
+    (``[dataset.gates]``, a forced ``method``, whether a reward model exists), recorded in the ``decisions``
+    table unless ``record`` is False; the same decision ``build`` reaches."""
+    snapshot = load_snapshot(snapshot_id, settings.home_dir)
+    gates = load_section(settings, "dataset", DatasetConfig).gates
+    decision = decide_snapshot(snapshot.manifest.snapshot_id, snapshot.manifest.counts, gates, method,
+                               _has_reward_model(settings, snapshot.manifest.model_version))
+    if record:
+        record_decision(store_of(settings), decision)
+    return decision
+
+
 def _has_reward_model(settings: Settings, model_version: str) -> bool:
     try:
         from training.reference import reference_for_snapshot
@@ -92,7 +106,8 @@ class Trainer:
     the run. Chosen by ``ktoloop.methods.METHODS[name].online``."""
 
     config: Callable[[Settings, str], Any]
-    run: Callable[[Settings, Any, Snapshot, Any, Path], TrainedRun]
+    run: Callable[[Settings, Any, Snapshot, Any, Path, Decision, "str | None", bool], TrainedRun]
+    """(settings, config, snapshot, reference, out_dir, decision, override reason, resume) -> the run"""
 
 
 def _offline_config(settings: Settings, method: str):
@@ -101,10 +116,12 @@ def _offline_config(settings: Settings, method: str):
     return dataclasses.replace(load_section(settings, "training", TrainConfig), method=method)
 
 
-def _offline_run(settings: Settings, config, snapshot: Snapshot, reference, out_dir: Path) -> TrainedRun:
+def _offline_run(settings: Settings, config, snapshot: Snapshot, reference, out_dir: Path, decision: Decision,
+                 override: str | None, resume: bool) -> TrainedRun:
     from training.trainer import train
 
-    result = train(config, snapshot, reference, out_dir, cache_dir=settings.home_dir / "cache", resume=True)
+    result = train(config, snapshot, reference, out_dir, decision=decision, cache_dir=settings.home_dir / "cache",
+                   resume=resume, override=override)
     return TrainedRun(config.to_dict(), config.fingerprint(), result.eval or {})
 
 
@@ -119,13 +136,19 @@ def _ppo_config(settings: Settings, method: str):
     return config
 
 
-def _ppo_run(settings: Settings, config, snapshot: Snapshot, reference, out_dir: Path) -> TrainedRun:
-    """PPO against the reward model pinned for this reference."""
+def _ppo_run(settings: Settings, config, snapshot: Snapshot, reference, out_dir: Path, decision: Decision,
+             override: str | None, resume: bool) -> TrainedRun:
+    """PPO against the reward model pinned for this reference (``[ppo] reward_model`` names another)."""
     from training.ppo import train_ppo
-    from training.reward import reward_model_for
+    from training.reward import load_reward_pin, reward_model_for
 
-    result = train_ppo(config, snapshot, reference, out_dir, reward_model_for(reference, settings.home_dir),
-                       cache_dir=settings.home_dir / "cache", resume=True)
+    reward = (load_reward_pin(config.reward_model, settings.home_dir) if config.reward_model
+              else reward_model_for(reference, settings.home_dir))
+    if reward is None:
+        raise KtoLoopError(f"no reward model trained for reference {reference.name!r} ({reference.sha256[:12]}...); "
+                           f"train one with `ktoloop reward train --snapshot {snapshot.manifest.snapshot_id}`")
+    result = train_ppo(config, snapshot, reference, out_dir, reward, decision=decision,
+                       cache_dir=settings.home_dir / "cache", resume=resume, override=override)
     metrics = dict(result.eval or {})
     if result.stop.get("guard"):  # KL bound or reward hacking: flagged, never promotable
         metrics["guard_stop"] = result.stop
@@ -136,19 +159,22 @@ def trainer_for(method: str) -> Trainer:
     return Trainer(_ppo_config, _ppo_run) if METHODS[method].online else Trainer(_offline_config, _offline_run)
 
 
-def _snapshot_and_reference(settings: Settings, snapshot_id: str):
+def _snapshot_and_reference(settings: Settings, snapshot_id: str, config):
     """The snapshot and its reference: the model that produced the feedback (and initialises the candidate),
-    found by its version, so every generation trains from the model that served it."""
+    found by its version, so every generation trains from the model that served it (or the pin that the
+    config's ``reference`` names, checked against that version)."""
     from training.reference import reference_for_snapshot
 
     snapshot = load_snapshot(snapshot_id, settings.home_dir)
-    return snapshot, reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir)
+    return snapshot, reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir, config.reference)
 
 
-def candidate_id(settings: Settings, snapshot_id: str, method: str) -> str:
-    """The model id training this snapshot with this method and config produces (method-snapshot-config)."""
+def candidate_id(settings: Settings, snapshot_id: str, method: str, config=None) -> str:
+    """The model id training this snapshot with this method and config (default: the settings') produces:
+    method-snapshot-config fingerprint."""
     snapshot = load_snapshot(snapshot_id, settings.home_dir)
-    return f"{method}-{snapshot.manifest.snapshot_id}-{trainer_for(method).config(settings, method).fingerprint()}"
+    config = config or trainer_for(method).config(settings, method)
+    return f"{method}-{snapshot.manifest.snapshot_id}-{config.fingerprint()}"
 
 
 def decided_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate | None:
@@ -176,18 +202,24 @@ def _verdict_stands(candidate: registry.Candidate, incumbent: registry.Candidate
     return serving or stored["incumbent_id"] == (incumbent.model_id if incumbent else None)
 
 
-def train_candidate(settings: Settings, snapshot_id: str, method: str) -> registry.Candidate:
-    """Train (or reuse) the candidate for this snapshot, method and config; register it."""
-    snapshot, reference = _snapshot_and_reference(settings, snapshot_id)
+def train_candidate(settings: Settings, snapshot_id: str, method: str, *, config=None, model_id: str | None = None,
+                    override: str | None = None, resume: bool = True) -> registry.Candidate:
+    """Train (or reuse) the candidate for this snapshot, method and config; register it. ``config``: the
+    method's config (default: the settings'; the CLI passes its flags on top); ``model_id``: default
+    ``candidate_id``. The trainer checks ``method`` against this config's decision about the snapshot
+    (``decide``); ``override`` is the recorded reason to train anyway; ``resume`` continues a stopped run."""
     trainer = trainer_for(method)
-    model_id = candidate_id(settings, snapshot_id, method)
+    config = config or trainer.config(settings, method)
+    snapshot, reference = _snapshot_and_reference(settings, snapshot_id, config)
+    model_id = model_id or candidate_id(settings, snapshot_id, method, config)
     store = store_of(settings)
     existing = registry.find(store, model_id)
     if existing is not None:
         log.info("reusing candidate %s (same snapshot and config)", model_id)
         return existing
     out_dir = settings.home_dir / "models" / model_id
-    run = trainer.run(settings, trainer.config(settings, method), snapshot, reference, out_dir)
+    run = trainer.run(settings, config, snapshot, reference, out_dir, decide(settings, snapshot_id), override,
+                      resume)
     return registry.register(store, registry.Candidate(
         model_id=model_id, method=method, snapshot_id=snapshot.manifest.snapshot_id,
         snapshot_sha256=snapshot.manifest.content_sha256, reference_name=reference.name,

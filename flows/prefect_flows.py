@@ -21,7 +21,7 @@ from prefect.logging.handlers import APILogHandler
 from flows import drift_trigger, loop, registry
 from flows.retrain_report import ARTIFACT_KEY, retrain_markdown
 from ktoloop.config import load_section, load_settings
-from ktoloop.errors import TransientError
+from ktoloop.errors import KtoLoopError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,9 @@ def build_dataset_flow(method: str | None = None) -> dict[str, Any]:
 @flow(name="train", log_prints=True)
 def train_flow(snapshot_id: str, method: str | None = None) -> dict[str, Any]:
     """Train on an existing snapshot with its decided method, or a forced one."""
-    from ktoloop.snapshot import load_snapshot
-
-    method = method or load_snapshot(snapshot_id, load_settings().home_dir).manifest.decision["method"]
+    method = method or loop.decide(load_settings(), snapshot_id).method
+    if method is None:
+        raise KtoLoopError(f"snapshot {snapshot_id}: its decision is no training; name a method to override")
     return dataclasses.asdict(train_task(snapshot_id, method))
 
 

@@ -124,9 +124,11 @@ def _conflict_reason(row: dict) -> str:
 
 
 def land(store: Store, group: str, batch: Batch,
-         dead_letter_max_bytes: int = IngestConfig.dead_letter_max_bytes) -> LandResult:
-    """Write the batch and its offsets atomically; returns how many events were new."""
-    now = dt.datetime.now(UTC)
+         dead_letter_max_bytes: int = IngestConfig.dead_letter_max_bytes, *,
+         received_at: dt.datetime | None = None) -> LandResult:
+    """Write the batch and its offsets atomically; returns how many events were new. ``received_at``: the
+    receipt time to record (default: now), for landing history as it was received (simulations, tests)."""
+    now = received_at or dt.datetime.now(UTC)
     batch_all = _events_frame(batch)
     events = batch_all.unique(subset="event_id", keep="first", maintain_order=True)
     offsets = pl.DataFrame(

@@ -1,7 +1,7 @@
 """The one registry of alignment methods: what each trains on, when the data allow it, and its loss.
 
 Everything that names a method reads it from ``METHODS``: the CLI's ``--method`` choices, the config checks,
-the eligibility decision (``flows.eligibility``), the offline losses (``training.losses``) and the loop's
+the eligibility decision (``ktoloop.decision``), the offline losses (``training.losses``) and the loop's
 choice of trainer. Adding a method is one entry here (plus its loss function or trainer).
 
 Rules from alignment practice, enforced by the rules below rather than documented:
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ktoloop.config import ConfigError
 
@@ -61,6 +61,14 @@ class DataStats:
     units: int
     """Distinct (prompt, response) answers before conflicts were removed: the noise rate's denominator."""
     reward_model: bool = False
+
+    @classmethod
+    def of(cls, counts: dict[str, Any], reward_model: bool = False) -> "DataStats":
+        """From a snapshot's counts (``flows.dataset._counts``); absent counts are 0."""
+        n = {attr: int(counts.get(name) or 0) for attr, name in (
+            ("desirable", "kto_train_desirable"), ("undesirable", "kto_train_undesirable"),
+            ("pairs", "pairs_train"), ("conflicts", "conflicts"), ("units", "answers"))}
+        return cls(**n, reward_model=reward_model)
 
     @property
     def usable(self) -> int:

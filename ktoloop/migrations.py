@@ -126,4 +126,23 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE dead_letters ADD COLUMN raw_sha256 VARCHAR;    -- hex sha256 of the whole message
         UPDATE dead_letters SET raw_size = octet_length(raw), raw_sha256 = sha256(raw) WHERE raw IS NOT NULL;
     """),
+    (201, "datasets: decisions in their own table", """
+        -- a snapshot is immutable data; what the rules decided about it depends on their settings too, so
+        -- one row per (snapshot, settings): ktoloop.decision.decision_key hashes the gates, the forced method
+        -- and whether a reward model existed
+        CREATE TABLE decisions (
+            snapshot_id   VARCHAR NOT NULL,
+            decision_key  VARCHAR NOT NULL,
+            method        VARCHAR,                 -- NULL: no training
+            train         BOOLEAN NOT NULL,
+            decision      JSON NOT NULL,           -- ktoloop.decision.Decision, reasons and thresholds included
+            decided_at    TIMESTAMPTZ NOT NULL,    -- the first time it was reached
+            PRIMARY KEY (snapshot_id, decision_key)
+        );
+        INSERT INTO decisions
+            SELECT snapshot_id, 'before-201', decision->>'method', coalesce((decision->>'train')::BOOLEAN, false),
+                   decision, created_at
+            FROM datasets;
+        ALTER TABLE datasets DROP COLUMN decision;
+    """),
 ]

@@ -45,8 +45,6 @@ class Manifest:
     """The reference model version that produced every response in the snapshot."""
     kto_weights: dict[str, float]
     """{"desirable": lambda_D, "undesirable": lambda_U}"""
-    decision: dict[str, Any]
-    """The eligibility decision: {"method", "train", "reasons", "warnings", "counts", "thresholds", ...}."""
     counts: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     query: str = ""
@@ -106,6 +104,7 @@ def load_snapshot(ref: str | Path, home: str | Path | None = None) -> Snapshot:
         raise KtoLoopError(f"snapshot {ref!r} not found (no {manifest_path}); list them with `ktoloop dataset list`")
     try:
         data = json.loads(manifest_path.read_text())
+        data.pop("decision", None)  # manifests before the decisions table carried one; it is not data
         manifest = Manifest(**data)
     except (json.JSONDecodeError, TypeError) as exc:
         raise KtoLoopError(f"snapshot manifest {manifest_path} is invalid: {exc}") from exc

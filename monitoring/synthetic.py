@@ -1,7 +1,7 @@
 """Synthetic landed feedback with known rates and lengths, for drift tests, the benchmark and demos.
 
-Rows go straight into the ``feedback`` table through the Store (no Kafka), built as one Arrow batch so a
-million rows land in seconds.
+Rows land through the consumer's own writer (``ingest.landing.land``, no Kafka), as one batch received when
+its window ends, so a million rows land in seconds and the table holds what ingestion would have written.
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ import datetime as dt
 import numpy as np
 import polars as pl
 
+from ingest.landing import Batch, land
+from ingest.schema import FeedbackEvent
 from ktoloop.store import Store
+
+GROUP = "synthetic"
+"""The consumer group synthetic batches land under (they record no Kafka offsets)."""
 
 
 def feedback_frame(n: int, start: dt.datetime, end: dt.datetime, *, up_rate: float, model_version: str = "v1",
@@ -44,20 +49,28 @@ def feedback_frame(n: int, start: dt.datetime, end: dt.datetime, *, up_rate: flo
                                               "kafka_partition", "kafka_offset"])
 
 
-def insert_feedback(store: Store, frame: pl.DataFrame, topic: str = "feedback") -> None:
-    """Land rows as ingestion would (ingested_at = event_time); missing optional columns stay NULL."""
-    with store.writer() as con:
-        con.register("incoming", frame.to_arrow())
-        con.execute(
-            "INSERT INTO feedback (event_id, prompt, response, label, model_version, event_time, kafka_topic, "
-            "kafka_partition, kafka_offset, ingested_at) "
-            "SELECT event_id, prompt, response, label, model_version, event_time, ?, kafka_partition, "
-            "kafka_offset, event_time FROM incoming", [topic])
-        con.unregister("incoming")
+def insert_feedback(store: Store, frame: pl.DataFrame, topic: str = "feedback",
+                    received_at: dt.datetime | None = None) -> None:
+    """Land ``frame``'s rows: as one batch received at ``received_at``, or by default one batch per UTC day
+    of event time, received at that day's newest event (so the receipt clock follows the event clock)."""
+    if received_at is not None:
+        _land(store, frame, topic, received_at)
+        return
+    days = frame.with_columns(day=pl.col("event_time").dt.truncate("1d"))
+    for day in days.partition_by("day", include_key=False, maintain_order=True):
+        _land(store, day, topic, day["event_time"].max())
+
+
+def _land(store: Store, frame: pl.DataFrame, topic: str, received_at: dt.datetime) -> None:
+    events = [FeedbackEvent(event_id=r["event_id"], prompt=r["prompt"], response=r["response"], label=r["label"],
+                            model_version=r["model_version"], event_time=r["event_time"])
+              for r in frame.select("event_id", "prompt", "response", "label", "model_version", "event_time")
+                            .iter_rows(named=True)]
+    positions = [(topic, p, o) for p, o in zip(frame["kafka_partition"], frame["kafka_offset"], strict=True)]
+    land(store, GROUP, Batch(events=events, positions=positions), received_at=received_at)
 
 
 def insert_dead_letters(store: Store, times: list[dt.datetime], topic: str = "feedback") -> None:
-    with store.writer() as con:
-        con.executemany("INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, raw, error, "
-                        "received_at) VALUES (?, 0, ?, NULL, 'synthetic rejection', ?)",
-                        [(topic, 10**9 + i, t) for i, t in enumerate(times)])
+    """One rejected message received at each of ``times``."""
+    for i, t in enumerate(times):
+        land(store, GROUP, Batch(rejects=[(topic, 0, 10**9 + i, None, "synthetic rejection")]), received_at=t)

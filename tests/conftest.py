@@ -72,7 +72,7 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(smollm2_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, 16-wide random Llama with the real SmolLM2 tokenizer and chat template."""
-    from training.modeling import tiny_model_dir as build
+    from training.modeling import random_llama_dir as build
 
     return build(tmp_path_factory.mktemp("tiny") / "model", tokenizer_dir=smollm2_tokenizer_dir)
 

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 from ktoloop.config import ConfigError, Settings, load_section
 from ktoloop.methods import OFFLINE
@@ -151,26 +152,35 @@ def _show_pins(pins: list, where, verify: bool, columns: list[str], row) -> int:
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from ktoloop.snapshot import load_snapshot
-    from training.reference import reference_for_snapshot
-    from training.trainer import train, train_sweep
+    """The loop's own train step (``flows.loop.train_candidate``: decision, reference, registry) with the
+    flags on top of ``[training]``; ``--sweep-beta`` trains one run per beta and keeps the best."""
+    from flows.loop import train_candidate
 
     config = train_config(args, settings)
+    betas = parse_betas(args.sweep_beta)
+    if betas:
+        return _sweep(args, settings, config, betas)
+    candidate = train_candidate(settings, args.snapshot, config.method, config=config, model_id=args.run_id or None,
+                                override=override_reason(args), resume=args.resume)
+    print(json.dumps({"model_id": candidate.model_id, "out_dir": candidate.adapter_path, "status": candidate.status,
+                      "eval": candidate.metrics}, indent=2))
+    return 0
+
+
+def _sweep(args: argparse.Namespace, settings: Settings, config: TrainConfig, betas: list[float]) -> int:
+    from flows.loop import decide
+    from ktoloop.snapshot import load_snapshot
+    from training.reference import reference_for_snapshot
+    from training.trainer import train_sweep
+
     snapshot = load_snapshot(args.snapshot, settings.home_dir)
     reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir, config.reference)
-    betas = parse_betas(args.sweep_beta)
-    run_id = args.run_id or f"{config.method}-{snapshot.manifest.snapshot_id}-{config.fingerprint()}" + (
-        f"-sweep{len(betas)}" if betas else "")
+    run_id = args.run_id or f"{config.method}-{snapshot.manifest.snapshot_id}-{config.fingerprint()}-sweep{len(betas)}"
     out_dir = settings.home_dir / "models" / run_id
-    cache_dir = settings.home_dir / "cache"
-    log.info("training %s on snapshot %s against %s -> %s", config.method, snapshot.manifest.snapshot_id,
-             reference.name, out_dir)
-    if betas:
-        result = train_sweep(config, snapshot, reference, out_dir, betas, cache_dir=cache_dir, resume=args.resume,
-                             override=override_reason(args))
-    else:
-        result = train(config, snapshot, reference, out_dir, cache_dir=cache_dir, resume=args.resume,
-                       override=override_reason(args))
+    log.info("sweeping beta %s for %s on snapshot %s -> %s", betas, config.method, snapshot.manifest.snapshot_id,
+             out_dir)
+    result = train_sweep(config, snapshot, reference, out_dir, betas, decision=decide(settings, args.snapshot),
+                         cache_dir=settings.home_dir / "cache", resume=args.resume, override=override_reason(args))
     print(json.dumps({"run_id": run_id, "out_dir": str(result.out_dir), "eval": result.eval,
                       "best_beta": result.meta.get("best_beta")}, indent=2))
     return 0
@@ -224,30 +234,20 @@ def cmd_reward_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_ppo(args: argparse.Namespace, settings: Settings) -> int:
-    from ktoloop.errors import KtoLoopError
-    from ktoloop.snapshot import load_snapshot
-    from training.ppo import PPOConfig, train_ppo
-    from training.reference import reference_for_snapshot
-    from training.reward import load_reward_pin, reward_model_for
+    """The loop's train step for PPO (``flows.loop.train_candidate``): ``[ppo]`` within the gates' token
+    budget, then the flags; the reward model pinned for the reference unless ``--reward-model`` names one."""
+    from flows.loop import train_candidate, trainer_for
+    from training.runs import META_FILE
 
-    config = _overridden(load_section(settings, "ppo", PPOConfig), args,
+    config = _overridden(trainer_for("ppo").config(settings, "ppo"), args,
                          ("max_generated_tokens", "max_seconds", "max_steps", "rollout_batch_size", "mini_batch_size",
                           "max_new_tokens", "lr", "kl_coef", "kl_bound", "device", "reference", "reward_model"))
-    snapshot = load_snapshot(args.snapshot, settings.home_dir)
-    reference = reference_for_snapshot(snapshot.manifest.model_version, settings.home_dir, config.reference)
-    info = (load_reward_pin(config.reward_model, settings.home_dir) if config.reward_model
-            else reward_model_for(reference, settings.home_dir))
-    if info is None:
-        raise KtoLoopError(f"no reward model trained for reference {reference.name!r} ({reference.sha256[:12]}...); "
-                           f"train one with `ktoloop reward train --snapshot {snapshot.manifest.snapshot_id}`")
-    run_id = args.run_id or f"ppo-{snapshot.manifest.snapshot_id}-{config.fingerprint()}"
-    out_dir = settings.home_dir / "models" / run_id
-    log.info("PPO on snapshot %s against %s with reward model %s -> %s", snapshot.manifest.snapshot_id,
-             reference.name, info.name, out_dir)
-    result = train_ppo(config, snapshot, reference, out_dir, info, cache_dir=settings.home_dir / "cache",
-                       resume=args.resume, override=override_reason(args))
-    print(json.dumps({"run_id": run_id, "out_dir": str(result.out_dir), "stop": result.stop,
-                      "rollouts": result.meta["rollouts"], "eval": result.eval}, indent=2))
+    candidate = train_candidate(settings, args.snapshot, "ppo", config=config, model_id=args.run_id or None,
+                                override=override_reason(args), resume=args.resume)
+    meta = json.loads((Path(candidate.adapter_path) / META_FILE).read_text())
+    print(json.dumps({"model_id": candidate.model_id, "out_dir": candidate.adapter_path, "status": candidate.status,
+                      "stop": meta.get("stop"), "rollouts": meta.get("rollouts"), "eval": candidate.metrics},
+                     indent=2))
     return 0
 
 

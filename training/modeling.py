@@ -107,11 +107,11 @@ def materialize_smollm2(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def tiny_model_dir(out_dir: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0,
-                   hidden_size: int = 16, layers: int = 2) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a normal HF directory (for tests).
-
-    Uses the SmolLM2 tokenizer (from ``tokenizer_dir`` or the GGUF) so chat templates and special tokens are real.
+def random_llama_dir(out_dir: str | Path, tokenizer_dir: str | Path | None = None, seed: int = 0,
+                     hidden_size: int = 16, layers: int = 2) -> Path:
+    """A randomly initialised Llama of the given width and depth with SmolLM2's real tokenizer and chat
+    template (from ``tokenizer_dir`` or the GGUF), saved as a normal HF directory: what the speed benchmarks
+    time at a chosen shape (``bench_train --hidden --layers``) and the 2 x 16 model the test suite trains.
     """
     out_dir = Path(out_dir)
     if tokenizer_dir is not None:

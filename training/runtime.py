@@ -19,22 +19,33 @@ log = logging.getLogger(__name__)
 
 
 class TrainingRefused(KtoLoopError):
-    """The snapshot's recorded decision does not allow this training run; the message says why."""
+    """The decision about the snapshot does not allow this training run; the message says why."""
 
 
-def check_decision(snapshot, method: str, override: str | None = None) -> dict | None:
-    """The door every trainer passes: the snapshot's decision (sufficiency gate, method eligibility) holds.
+def check_decision(snapshot, method: str, decision=None, override: str | None = None, *,
+                   reward_model: bool = False) -> dict | None:
+    """The door every trainer passes: the decision about this snapshot (sufficiency gate, method eligibility)
+    allows ``method``.
 
-    Refused: a snapshot whose decision is no training, and a method the decision did not choose and found
-    ineligible. ``override`` (a reason) lets it through; the returned record goes into the run's metadata.
+    ``decision``: the ``ktoloop.decision.Decision`` the loop recorded (``flows.loop.decide``); None decides
+    now from the snapshot's counts under the default rules (``GateConfig()``: refuse under 500 usable
+    examples), so a direct Python call is held to them too. Refused: a decision about another snapshot, a
+    decision of no training, a method it found ineligible. ``override`` (a reason) lets it through; the
+    returned record goes into the run's metadata.
     """
-    decision = snapshot.manifest.decision or {}
+    from ktoloop.decision import decide_snapshot
+    from ktoloop.methods import GateConfig
+
     name = snapshot.manifest.snapshot_id
-    eligibility = (decision.get("eligibility") or {}).get(method) or {}
+    if decision is None:
+        decision = decide_snapshot(name, snapshot.manifest.counts, GateConfig(), reward_model=reward_model)
+    eligibility = decision.eligibility.get(method) or {}
     problem = None
-    if not decision.get("train"):
-        problem = f"its decision is no training ({'; '.join(decision.get('reasons') or ['none recorded'])})"
-    elif method != decision.get("method") and not eligibility.get("eligible"):
+    if decision.snapshot_id != name:
+        problem = f"the decision given is about snapshot {decision.snapshot_id or '(none)'!r}, not this one"
+    elif not decision.train:
+        problem = f"its decision is no training ({'; '.join(decision.reasons or ['none recorded'])})"
+    elif method != decision.method and not eligibility.get("eligible"):
         problem = f"{method} is not eligible ({eligibility.get('reason', 'no eligibility recorded')})"
     if problem is None:
         return None

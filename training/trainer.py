@@ -2,13 +2,14 @@
 
 Public functions (the flows call these; the CLI is a thin layer over them):
 
-    train(config, snapshot, reference, out_dir, *, cache_dir=None, resume=False) -> RunResult
-        Trains ``config.method`` on ``snapshot``'s train split and writes to ``out_dir``: a peft adapter
+    train(config, snapshot, reference, out_dir, *, decision=None, cache_dir=None, resume=False) -> RunResult
+        Trains ``config.method`` on ``snapshot``'s train split, if ``decision`` (the recorded decision about
+        the snapshot; None: the default rules decide) allows it, and writes to ``out_dir``: a peft adapter
         (``PeftModel.from_pretrained(base, out_dir)``; full fine-tuning writes a whole HF model instead),
         ``training_meta.json`` (resolved config, snapshot and reference hashes, metrics, held-out score) and
         ``metrics.jsonl`` (one line per optimizer step). Refuses a reference whose files changed or whose
         model_version differs from the snapshot's. Under torchrun every rank calls it; rank 0 writes.
-    train_sweep(config, snapshot, reference, out_dir, betas, *, cache_dir=None, resume=False) -> RunResult
+    train_sweep(config, snapshot, reference, out_dir, betas, *, decision=None, cache_dir=None, resume=False)
         One run per beta under ``out_dir/beta-<b>/``, each scored on the eval split; the best is copied to
         ``out_dir`` and every score is recorded in its metadata under "sweep".
     evaluate_preference(model, tokenizer, snapshot, reference, config, *, cache_dir, split="eval")
@@ -97,11 +98,13 @@ def train_step(model, optimizer, scheduler, micro_batches, data: Encoded, ref: R
 # ------------------------------------------------------------------------------------------------ the run
 
 def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path, *,
-          cache_dir: str | Path | None = None, resume: bool = False, override: str | None = None) -> RunResult:
+          decision=None, cache_dir: str | Path | None = None, resume: bool = False,
+          override: str | None = None) -> RunResult:
     """Train one model; see the module docstring. Returns the metadata also written to training_meta.json.
-    ``override``: the reason to train a snapshot whose decision refuses this run (``check_decision``)."""
+    ``decision``: the recorded decision about the snapshot (None: decide under the default rules);
+    ``override``: the reason to train although it refuses this run (``check_decision``)."""
     out_dir = Path(out_dir)
-    overridden = check_decision(snapshot, config.method, override)
+    overridden = check_decision(snapshot, config.method, decision, override)
     if (meta := finished_run(out_dir, resume)) is not None:
         return RunResult(out_dir, meta)
     reference.check_version(snapshot.manifest.model_version)
@@ -171,8 +174,8 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
 
 
 def train_sweep(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path,
-                betas: list[float], *, cache_dir: str | Path | None = None, resume: bool = False,
-                override: str | None = None) -> RunResult:
+                betas: list[float], *, decision=None, cache_dir: str | Path | None = None,
+                resume: bool = False, override: str | None = None) -> RunResult:
     """Train one run per beta, keep the best held-out reward accuracy (ties: lower held-out loss), record all."""
     out_dir = Path(out_dir)
     if not betas:
@@ -183,7 +186,7 @@ def train_sweep(config: TrainConfig, snapshot: Snapshot, reference: Reference, o
     runs = []
     for beta in betas:
         result = train(dataclasses.replace(config, beta=beta), snapshot, reference, out_dir / f"beta-{beta:g}",
-                       cache_dir=cache_dir, resume=resume, override=override)
+                       decision=decision, cache_dir=cache_dir, resume=resume, override=override)
         runs.append({"beta": beta, "dir": str(result.out_dir), "eval": result.eval})
     best = max(runs, key=lambda r: (r["eval"]["accuracy"], -r["eval"]["loss"]))
     meta = json.loads((Path(best["dir"]) / META_FILE).read_text())

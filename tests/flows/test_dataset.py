@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from flows.dataset import DatasetConfig, build_dataset, kto_weights
-from flows.eligibility import IneligibleMethod, decide
+from flows.dataset import DatasetConfig, build_dataset, decisions_of, kto_weights
+from ktoloop.decision import IneligibleMethod, decide
 from ingest.landing import Batch, land
 from ingest.schema import EventDecoder, encode_event
 from ktoloop import data
@@ -219,8 +219,8 @@ def test_under_500_snapshot_records_no_training(tmp_path):
     result = build_dataset(store_with(tmp_path, events), tmp_path, DatasetConfig(), V1)
     assert not result.decision.train
     assert "< 500; no training" in result.decision.reasons[0]
-    stored = Store(tmp_path / "k.duckdb").read("SELECT decision->>'train' AS train FROM datasets")
-    assert stored["train"].to_list() == ["false"]
+    stored = Store(tmp_path / "k.duckdb").read("SELECT snapshot_id, train FROM decisions")
+    assert stored.rows() == [(result.snapshot.manifest.snapshot_id, False)]
 
 
 def test_same_data_same_hash_even_landed_in_another_order(tmp_path):
@@ -235,10 +235,25 @@ def test_same_data_same_hash_even_landed_in_another_order(tmp_path):
     assert other.snapshot.manifest.content_sha256 == first.snapshot.manifest.content_sha256
     changed = build_dataset(store_with(tmp_path, events[:-1], "fewer.duckdb"), tmp_path / "c", config(), V1)
     assert changed.snapshot.manifest.content_sha256 != first.snapshot.manifest.content_sha256
-    # same data under stricter gates: same snapshot files, the decision of this build (not the first one's)
-    strict = build_dataset(Store(tmp_path / "k.duckdb"), tmp_path / "a", config(gates={"min_examples": 10_000, "warn_examples": 10_000}), V1)
+
+
+def test_a_snapshot_is_immutable_and_each_rule_setting_has_its_own_decision(tmp_path):
+    """The same data under stricter gates is the same snapshot, untouched, with a second decision beside the
+    first in the ``decisions`` table, keyed by (snapshot, rule settings)."""
+    events = [event(i, f"prompt {i % 50}", f"answer {i}", "up" if i % 3 else "down", prompt_id=f"p{i % 50}")
+              for i in range(1500)]
+    store = store_with(tmp_path, events)
+    first = build_dataset(store, tmp_path / "a", config(), V1)
+    manifest = (first.snapshot.path / "manifest.json").read_bytes()
+    strict = build_dataset(store, tmp_path / "a", config(gates={"min_examples": 10_000, "warn_examples": 10_000}), V1)
     assert strict.reused and first.decision.train and not strict.decision.train
-    assert load_snapshot(strict.snapshot.path).manifest.decision["train"] is False
+    assert (strict.snapshot.path / "manifest.json").read_bytes() == manifest
+    again = build_dataset(store, tmp_path / "a", config(), V1)  # the first settings again: the same decision
+    assert again.decision == first.decision
+    recorded = decisions_of(store, first.snapshot.manifest.snapshot_id)
+    assert sorted((d.key, d.train) for d in recorded) == sorted([(first.decision.key, True),
+                                                                 (strict.decision.key, False)])
+    assert first.decision.key != strict.decision.key
 
 
 def test_real_hh_rlhf_feedback(tmp_path, shared_data):
@@ -300,7 +315,7 @@ def test_the_cli_and_the_flows_build_the_same_snapshot_and_decision(tmp_path, ti
     """One door: ``ktoloop dataset build`` and the retrain flow's build step (``flows.loop.build``) see the same
     data and the same reward model, so they record the same decision (PPO eligible once a reward model exists;
     the CLI used to build without asking and overwrote the flow's decision with "no reward model")."""
-    from flows.loop import build
+    from flows.loop import build, store_of
     from ktoloop.cli import main
     from ktoloop.config import load_settings
     from training.reference import pin_reference
@@ -321,7 +336,7 @@ def test_the_cli_and_the_flows_build_the_same_snapshot_and_decision(tmp_path, ti
     pin_reward_model(rm.out_dir, settings.home_dir, "rm-1")
 
     assert main(["--config", str(config), "dataset", "build"]) == 0
-    by_cli = load_snapshot(first.snapshot.manifest.snapshot_id, settings.home_dir).manifest.decision
-    by_flow = build(settings).decision.to_dict()
+    by_cli = decisions_of(store_of(settings), first.snapshot.manifest.snapshot_id)[0]  # the latest recorded
+    by_flow = build(settings).decision
     assert by_cli == by_flow
-    assert by_flow["eligibility"]["ppo"] == {"eligible": True, "reason": "eligible"}
+    assert by_flow.eligibility["ppo"] == {"eligible": True, "reason": "eligible"}

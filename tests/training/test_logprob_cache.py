@@ -62,13 +62,14 @@ def test_replayed_in_another_order_rebuilt_and_trained_step_one_is_exact(method,
     train_config = TrainConfig(method=method, max_steps=1, batch_size=4, lr=1e-2, device="cpu")
     cache = tmp_path / "cache"  # one cache for both generations of the snapshot, as under one home
 
-    first = build_dataset(land_events(tmp_path / "a.duckdb", events), tmp_path / "a", config, "tiny-v1").snapshot
-    train(train_config, first, tiny_reference, tmp_path / "run-a", cache_dir=cache)
-    replay = build_dataset(land_events(tmp_path / "b.duckdb", events[::-1]), tmp_path / "b", config,
-                           "tiny-v1").snapshot
+    built = build_dataset(land_events(tmp_path / "a.duckdb", events), tmp_path / "a", config, "tiny-v1")
+    first = built.snapshot
+    train(train_config, first, tiny_reference, tmp_path / "run-a", cache_dir=cache, decision=built.decision)
+    rebuilt = build_dataset(land_events(tmp_path / "b.duckdb", events[::-1]), tmp_path / "b", config, "tiny-v1")
+    replay = rebuilt.snapshot
     assert replay.manifest.snapshot_id == first.manifest.snapshot_id  # same content, same id and hash
 
-    run = train(train_config, replay, tiny_reference, tmp_path / "run-b", cache_dir=cache)
+    run = train(train_config, replay, tiny_reference, tmp_path / "run-b", cache_dir=cache, decision=rebuilt.decision)
     assert run.meta["final_train_metrics"]["loss"] == pytest.approx(first_loss, rel=1e-4)
     assert abs(run.meta["final_train_metrics"]["rewards/margin"]) < 1e-4  # policy == reference at step 1
 

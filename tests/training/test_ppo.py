@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from ktoloop.cli import main
 from ktoloop.config import ConfigError
 from ktoloop.errors import KtoLoopError
+from train_helpers import SMALL_GATES, allow
 from training.ppo import Budget, HackingGuard, PPOConfig, gae, kl_penalised_rewards, ppo_loss, train_ppo
 from training.reference import pin_reference
 
@@ -55,7 +56,8 @@ def rows(out) -> list[dict]:
 def test_toy_reward_rises_under_the_kl_bound_within_the_token_budget(peaked, toy, tmp_path):
     reference, _, target = peaked
     config = PPOConfig(max_generated_tokens=4 * 16 * 8 + 100, kl_bound=20.0, **LEARN)
-    result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache")
+    result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache",
+                       decision=allow(toy))
 
     assert result.stop == {"reason": "budget_tokens", "detail": result.stop["detail"], "guard": False, "step": 4}
     metrics = rows(tmp_path / "out")
@@ -84,7 +86,8 @@ def test_the_final_policy_is_held_to_the_kl_bound_on_heldout_prompts(peaked, toy
     reference, _, target = peaked
     # one update, then the budget is spent: only the held-out check sees the policy after that update
     config = PPOConfig(max_generated_tokens=16 * 8, kl_bound=0.01, **LEARN)
-    result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache")
+    result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache",
+                       decision=allow(toy))
     assert rows(tmp_path / "out")[0]["kl"] < config.kl_bound  # the one rollout was the reference itself
     assert result.stop["reason"] == "kl_bound" and result.stop["guard"] is True
     assert result.stop["detail"].startswith("after the last update, on held-out prompts: KL to the reference")
@@ -93,7 +96,8 @@ def test_the_final_policy_is_held_to_the_kl_bound_on_heldout_prompts(peaked, toy
 def test_kl_bound_stops_and_flags_the_run(peaked, toy, tmp_path):
     reference, _, target = peaked
     config = PPOConfig(max_generated_tokens=100_000, max_steps=8, kl_bound=0.5, **LEARN)
-    result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache")
+    result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache",
+                       decision=allow(toy))
     assert result.stop["reason"] == "kl_bound" and result.stop["guard"] is True
     assert "exceeds ppo.kl_bound 0.5" in result.stop["detail"]
     last = rows(tmp_path / "out")[-1]
@@ -105,7 +109,8 @@ def test_time_budget_stops_before_a_first_step_that_would_overrun(peaked, toy, t
     """The first step used to start on any budget (no estimate = 0 s) and overran 0.05 s by a whole step."""
     reference, _, target = peaked
     config = PPOConfig(max_seconds=0.05, **SMALL)
-    result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache")
+    result = train_ppo(config, toy, reference, tmp_path / "out", counter(target), cache_dir=tmp_path / "cache",
+                       decision=allow(toy))
     assert result.stop["reason"] == "budget_seconds" and result.stop["guard"] is False
     assert result.meta["steps"] == 0 and not (tmp_path / "out" / "metrics.jsonl").exists()  # no step started
     bound = result.meta["budget"]["step_seconds_bound"]  # the dry step's time: longer than the whole budget
@@ -121,7 +126,8 @@ def test_a_time_budget_changes_where_the_run_stops_not_what_it_computes(peaked, 
     runs = {}
     for name, budget in (("tokens", {}), ("tokens+seconds", {"max_seconds": 1e6})):
         config = PPOConfig(max_generated_tokens=100_000, max_steps=2, **budget, **SMALL)
-        runs[name] = train_ppo(config, toy, reference, tmp_path / name, counter(target), cache_dir=tmp_path / "c")
+        runs[name] = train_ppo(config, toy, reference, tmp_path / name, counter(target), cache_dir=tmp_path / "c",
+                               decision=allow(toy))
     assert [r.stop["reason"] for r in runs.values()] == ["max_steps", "max_steps"]
     strip = lambda ms: [{k: v for k, v in m.items() if not k.startswith("seconds")} for m in ms]  # noqa: E731
     assert strip(rows(tmp_path / "tokens")) == strip(rows(tmp_path / "tokens+seconds"))  # same RNG, same weights
@@ -147,7 +153,7 @@ def test_budget_holds_the_next_step_to_the_slowest_seen_and_never_guesses_zero()
 def test_budget_config(peaked, toy, tmp_path):
     reference, _, target = peaked
     with pytest.raises(ConfigError, match="compute budget"):
-        train_ppo(PPOConfig(**SMALL), toy, reference, tmp_path / "none", counter(target))
+        train_ppo(PPOConfig(**SMALL), toy, reference, tmp_path / "none", counter(target), decision=allow(toy))
     with pytest.raises(ConfigError, match=r"ppo.max_generated_tokens \(10\) is below one rollout"):
         PPOConfig(max_generated_tokens=10, **SMALL)
     with pytest.raises(ConfigError, match="ppo.mini_batch_size"):
@@ -158,7 +164,7 @@ def test_resume_continues_to_the_same_result(peaked, toy, tmp_path):
     reference, _, target = peaked
     config = PPOConfig(max_generated_tokens=100_000, max_steps=4, checkpoint_every=2, **SMALL)
     full = tmp_path / "full"
-    train_ppo(config, toy, reference, full, counter(target), cache_dir=tmp_path / "cache")
+    train_ppo(config, toy, reference, full, counter(target), cache_dir=tmp_path / "cache", decision=allow(toy))
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
     crashed = shutil.copytree(full, tmp_path / "crashed")
@@ -167,8 +173,9 @@ def test_resume_continues_to_the_same_result(peaked, toy, tmp_path):
         (crashed / name).unlink()
     with pytest.raises(KtoLoopError, match="another ppo config"):
         train_ppo(PPOConfig(max_generated_tokens=100_000, max_steps=4, checkpoint_every=2, **{**SMALL, "lr": 2e-2}),
-                  toy, reference, crashed, counter(target), resume=True)
-    result = train_ppo(config, toy, reference, crashed, counter(target), cache_dir=tmp_path / "cache", resume=True)
+                  toy, reference, crashed, counter(target), resume=True, decision=allow(toy))
+    result = train_ppo(config, toy, reference, crashed, counter(target), cache_dir=tmp_path / "cache", resume=True,
+                       decision=allow(toy))
 
     a, b = load_file(full / "adapter_model.safetensors"), load_file(crashed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -216,6 +223,7 @@ def test_cli_ppo_uses_the_pinned_reward_model_for_the_reference(peaked, toy, tmp
     home = tmp_path / "home"
     monkeypatch.setenv("KTOLOOP_HOME", str(home))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "ktoloop.toml").write_text(SMALL_GATES)
     assert main(["reference", "pin", reference.path, "--model-version", "tiny-v1"]) == 0
     flags = ["--max-generated-tokens", "48", "--rollout-batch-size", "8", "--mini-batch-size", "4",
              "--max-new-tokens", "6", "--device", "cpu"]

@@ -69,7 +69,7 @@ def test_reward_model_separates_heldout_answers_and_is_pinned(mixed, tiny_refere
 def test_reward_model_is_refused_for_another_reference(mixed, tiny_model_dir, tiny_reference, home, tmp_path):
     result = train_reward(RewardConfig(**{**FAST, "max_steps": 1}), mixed, tiny_reference, tmp_path / "rm")
     info = pin_reward_model(result.out_dir, home, "rm-1")
-    from training.modeling import tiny_model_dir as build
+    from training.modeling import random_llama_dir as build
 
     other = pin_reference(build(tmp_path / "other", tokenizer_dir=tiny_model_dir, seed=1), "tiny-v2", home)
     assert reward_model_for(other, home) is None

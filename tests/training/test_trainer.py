@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from ktoloop.cli import main
 from ktoloop.errors import KtoLoopError
-from train_helpers import toy_snapshot
+from train_helpers import SMALL_GATES, allow, toy_snapshot
 from training.config import TrainConfig
 from training.evaluate import evaluate_preference
 from training.modeling import load_model
@@ -33,7 +33,8 @@ def test_each_method_end_to_end(method, tiny_reference, tiny_model_dir, tmp_path
     snapshot = toy_snapshot(tmp_path / "snaps", kto_weights={"desirable": 1.5, "undesirable": 0.5})
     # IPO also covers gradient checkpointing (same numbers expected, recomputed activations)
     config = TrainConfig(method=method, max_steps=3, gradient_checkpointing=method == "ipo", **FAST)
-    result = train(config, snapshot, tiny_reference, tmp_path / "out", cache_dir=tmp_path / "cache")
+    result = train(config, snapshot, tiny_reference, tmp_path / "out", cache_dir=tmp_path / "cache",
+                   decision=allow(snapshot))
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -69,7 +70,7 @@ def test_kto_raises_heldout_reward_of_desirable_completions(tiny_reference, toy,
     before = evaluate_preference(base, tok, toy, tiny_reference, config, cache_dir=tmp_path / "cache")
     assert abs(before.reward_margin) < 1e-4                            # untrained policy == reference
 
-    result = train(config, toy, tiny_reference, tmp_path / "out", cache_dir=tmp_path / "cache")
+    result = train(config, toy, tiny_reference, tmp_path / "out", cache_dir=tmp_path / "cache", decision=allow(toy))
     after = result.eval
     assert after["split"] == "eval" and after["examples"] == 8      # held-out topic pairs, never trained on
     assert after["reward_margin"] > 0.05
@@ -85,7 +86,7 @@ def test_kto_raises_heldout_reward_of_desirable_completions(tiny_reference, toy,
 def test_resume_continues_to_the_same_result(tiny_reference, toy, tmp_path):
     config = TrainConfig(method="kto", max_steps=6, checkpoint_every=3, lora_dropout=0.1, **FAST)
     full = tmp_path / "full"
-    train(config, toy, tiny_reference, full, cache_dir=tmp_path / "cache")
+    train(config, toy, tiny_reference, full, cache_dir=tmp_path / "cache", decision=allow(toy))
     assert [p.name for p in (full / "checkpoints").iterdir()] == ["step-000003"]
 
     # A crash after step 6 but before the final save: resume must redo steps 4-6 from checkpoint 3.
@@ -94,8 +95,8 @@ def test_resume_continues_to_the_same_result(tiny_reference, toy, tmp_path):
         (crashed / name).unlink()
     with pytest.raises(KtoLoopError, match="another training config"):
         train(TrainConfig(method="kto", max_steps=7, checkpoint_every=3, lora_dropout=0.1, **FAST), toy,
-              tiny_reference, crashed, cache_dir=tmp_path / "cache", resume=True)
-    train(config, toy, tiny_reference, crashed, cache_dir=tmp_path / "cache", resume=True)
+              tiny_reference, crashed, cache_dir=tmp_path / "cache", resume=True, decision=allow(toy))
+    train(config, toy, tiny_reference, crashed, cache_dir=tmp_path / "cache", resume=True, decision=allow(toy))
 
     a, b = load_file(full / "adapter_model.safetensors"), load_file(crashed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -103,7 +104,7 @@ def test_resume_continues_to_the_same_result(tiny_reference, toy, tmp_path):
     assert strip(metrics(crashed)) == strip(metrics(full))
     # and resuming is not a no-op that happens to match: from scratch with another seed differs
     other = train(TrainConfig(method="kto", max_steps=6, seed=1, lora_dropout=0.1, **FAST), toy, tiny_reference,
-                  tmp_path / "other", cache_dir=tmp_path / "cache")
+                  tmp_path / "other", cache_dir=tmp_path / "cache", decision=allow(toy))
     c = load_file(other.out_dir / "adapter_model.safetensors")
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -111,11 +112,12 @@ def test_resume_continues_to_the_same_result(tiny_reference, toy, tmp_path):
 @pytest.mark.slow
 def test_full_finetune_reuses_the_reference_cache(tiny_reference, toy, tmp_path):
     cache = tmp_path / "cache"
-    train(TrainConfig(method="dpo", max_steps=2, **FAST), toy, tiny_reference, tmp_path / "lora", cache_dir=cache)
+    train(TrainConfig(method="dpo", max_steps=2, **FAST), toy, tiny_reference, tmp_path / "lora", cache_dir=cache,
+          decision=allow(toy))
     files = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert len(files) == 1                               # one content-addressed file per reference
     result = train(TrainConfig(method="dpo", max_steps=2, full_finetune=True, **FAST), toy, tiny_reference,
-                   tmp_path / "full", cache_dir=cache)
+                   tmp_path / "full", cache_dir=cache, decision=allow(toy))
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == files  # nothing recomputed or rewritten
     assert result.meta["adapter"] == "full"
     tuned, _ = load_model(tmp_path / "full", device="cpu")
@@ -128,10 +130,10 @@ def test_refuses_changed_reference_and_foreign_snapshot(tiny_model_dir, toy, tmp
     ref = pin_reference(model, "tiny-v1", tmp_path / "home")
     other = toy_snapshot(tmp_path / "snaps", model_version="prod-v7")
     with pytest.raises(KtoLoopError, match=r"'prod-v7'.*'tiny-v1'"):
-        train(TrainConfig(max_steps=1, **FAST), other, ref, tmp_path / "out")
+        train(TrainConfig(max_steps=1, **FAST), other, ref, tmp_path / "out", decision=allow(other))
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:-1] + b"\x07")
     with pytest.raises(KtoLoopError, match="model.safetensors changed"):
-        train(TrainConfig(max_steps=1, **FAST), toy, ref, tmp_path / "out")
+        train(TrainConfig(max_steps=1, **FAST), toy, ref, tmp_path / "out", decision=allow(toy))
     assert not (tmp_path / "out").exists()
 
 
@@ -139,6 +141,7 @@ def test_refuses_changed_reference_and_foreign_snapshot(tiny_model_dir, toy, tmp
 def test_cli_sweep_trains_each_beta_and_keeps_the_best(tiny_model_dir, toy, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KTOLOOP_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "ktoloop.toml").write_text(SMALL_GATES)
     assert main(["reference", "pin", str(tiny_model_dir), "--model-version", "tiny-v1"]) == 0
     assert main(["train", "--snapshot", str(toy.path), "--method", "dpo", "--sweep-beta", "0.05,0.3",
                  "--max-steps", "2", "--batch-size", "4", "--lr", "0.01", "--device", "cpu",

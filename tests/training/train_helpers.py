@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
 import polars as pl
 
+from ktoloop.decision import Decision
 from ktoloop.methods import METHODS
 from ktoloop.snapshot import (KTO_COLUMNS, KTO_FILE, MANIFEST, PAIR_COLUMNS, PAIRS_FILE, Manifest, load_snapshot,
                               write_files)
@@ -19,7 +21,7 @@ TOPICS = ["the sky", "rivers", "bread", "chess", "the moon", "tea", "bicycles", 
 def write_snapshot(root: Path, snapshot_id: str = "snap-test", *, kto_train: list[dict] | None = None,
                    kto_eval: list[dict] | None = None, pairs_train: list[dict] | None = None,
                    pairs_eval: list[dict] | None = None, model_version: str = "tiny-v1",
-                   kto_weights: dict | None = None, decision: dict | None = None):
+                   kto_weights: dict | None = None):
     """Write the Parquet files + manifest.json under ``root/snapshot_id`` and load it back."""
     path = root / snapshot_id
 
@@ -34,15 +36,25 @@ def write_snapshot(root: Path, snapshot_id: str = "snap-test", *, kto_train: lis
     digest = hashlib.sha256((path / KTO_FILE).read_bytes() + (path / PAIRS_FILE).read_bytes())
     manifest = Manifest(snapshot_id=snapshot_id, content_sha256=digest.hexdigest(), model_version=model_version,
                         kto_weights=kto_weights or {"desirable": 1.0, "undesirable": 1.0},
-                        decision=decision or all_eligible())
+                        counts=_counts(kto["train"], pairs["train"]))
     (path / MANIFEST).write_text(manifest.to_json())
     return load_snapshot(path)
 
 
-def all_eligible(method: str = "kto") -> dict:
-    """A decision that trains ``method`` and finds every method eligible (hand-made snapshots)."""
-    return {"method": method, "train": True, "reasons": [f"{method}: hand-made snapshot"],
-            "eligibility": {m: {"eligible": True, "reason": "eligible"} for m in METHODS}}
+def _counts(kto: pl.DataFrame, pairs: pl.DataFrame) -> dict[str, int]:
+    """The counts the rules read (``ktoloop.methods.DataStats.of``), as the builder records them."""
+    up = int(kto["label"].sum())
+    return {"kto_train_desirable": up, "kto_train_undesirable": kto.height - up, "pairs_train": pairs.height,
+            "conflicts": 0, "answers": kto.height}
+
+
+def allow(snapshot, method: str = "kto", **changes) -> Decision:
+    """A decision about ``snapshot`` that trains ``method`` and finds every method eligible (hand-made
+    snapshots are far below the real rules' 500 examples); ``changes`` replace its fields."""
+    decision = Decision(method=method, train=True, reasons=[f"{method}: hand-made snapshot"], warnings=[],
+                        eligibility={m: {"eligible": True, "reason": "eligible"} for m in METHODS}, counts={},
+                        noise_rate=0.0, thresholds={}, snapshot_id=snapshot.manifest.snapshot_id, key="test")
+    return dataclasses.replace(decision, **changes)
 
 
 def good(topic: str) -> str:
@@ -70,3 +82,13 @@ def toy_snapshot(root: Path, snapshot_id: str = "toy", model_version: str = "tin
     train, held = TOPICS[:16], TOPICS[16:]
     return write_snapshot(root, snapshot_id, kto_train=kto_rows(train), kto_eval=kto_rows(held),
                           pairs_train=pair_rows(train), pairs_eval=pair_rows(held), model_version=model_version, **kw)
+
+
+SMALL_GATES = """[dataset.gates]
+min_examples = 8
+warn_examples = 16
+min_pairs = 4
+ppo_enabled = true
+ppo_budget_tokens = 4096
+"""
+"""Rules that hand-made snapshots pass (the real ones refuse under 500 examples): write it as ./ktoloop.toml."""

@@ -123,11 +123,13 @@ def ppo_update(policy, value_head, optimizer, exp: Experience, config: PPOConfig
 
 
 def train_ppo(config: PPOConfig, snapshot: Snapshot, reference: Reference, out_dir: str | Path, reward, *,
-              cache_dir: str | Path | None = None, resume: bool = False, override: str | None = None) -> RunResult:
-    """Run PPO; see the module docstring. ``reward``: a RewardModelInfo or a RewardFn. ``override``: the
-    reason to run on a snapshot whose decision refuses PPO (``check_decision``)."""
+              decision=None, cache_dir: str | Path | None = None, resume: bool = False,
+              override: str | None = None) -> RunResult:
+    """Run PPO; see the module docstring. ``reward``: a RewardModelInfo or a RewardFn. ``decision``: the
+    recorded decision about the snapshot (None: decide under the default rules, a reward model present);
+    ``override``: the reason to run although it refuses PPO (``check_decision``)."""
     out_dir = Path(out_dir)
-    overridden = check_decision(snapshot, "ppo", override)
+    overridden = check_decision(snapshot, "ppo", decision, override, reward_model=True)
     if (meta := finished_run(out_dir, resume)) is not None:
         return RunResult(out_dir, meta)
     if not config.has_budget():

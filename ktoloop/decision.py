@@ -4,11 +4,19 @@ explains itself.
 Under ``min_examples`` usable examples there is no training; under ``warn_examples`` a warning. Then the
 first method of the configured preference order whose rule (``ktoloop.methods.METHODS``) passes, or the
 forced method if its rule passes.
+
+A decision is a pure function of a snapshot's counts and the rules' settings (gates, forced method, whether
+a reward model exists), so it is not part of the snapshot: a snapshot is immutable data, and the same data
+under stricter gates is the same snapshot with another decision. Each decision carries its snapshot id and
+``key`` (a hash of those settings); the loop records it in DuckDB's ``decisions`` table under
+(snapshot_id, key), and every trainer checks the one it is given (``training.runtime.check_decision``).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ktoloop.errors import KtoLoopError
@@ -30,9 +38,33 @@ class Decision:
     noise_rate: float
     thresholds: dict[str, Any]
     forced: str | None = None
+    snapshot_id: str = ""
+    """The snapshot decided about ("" for a decision made from bare counts)."""
+    key: str = ""
+    """``decision_key`` of the settings it was made under."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Decision":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def decision_key(gates: GateConfig, forced: str | None, reward_model: bool) -> str:
+    """16 hex of sha256 over everything a decision depends on besides the data."""
+    settings = json.dumps({"gates": asdict(gates), "forced": forced, "reward_model": reward_model},
+                          sort_keys=True, default=str)
+    return hashlib.sha256(settings.encode()).hexdigest()[:16]
+
+
+def decide_snapshot(snapshot_id: str, counts: dict[str, Any], gates: GateConfig, forced: str | None = None,
+                    reward_model: bool = False) -> Decision:
+    """The decision about a snapshot from its recorded counts (``Manifest.counts``), stamped with its id."""
+    decision = decide(DataStats.of(counts, reward_model), gates, forced)
+    return Decision.from_dict({**decision.to_dict(), "snapshot_id": snapshot_id,
+                               "key": decision_key(gates, forced, reward_model)})
 
 
 def decide(stats: DataStats, gates: GateConfig, forced: str | None = None) -> Decision:
