@@ -35,6 +35,7 @@ SETTINGS: dict[str, dict] = {
     "s32-256tok": {"max_steps": 32, "max_length": 256, "max_prompt_length": 160},
     "s60-b16-256tok": {"max_steps": 60, "batch_size": 16, "warmup_steps": 5, "max_length": 256,
                        "max_prompt_length": 160},
+    "shortcuts": {"kl_pairs": 2, "group_by_length": True},  # the step shortcuts bench_train.py times
 }
 
 
@@ -88,6 +89,7 @@ def main() -> None:
 
     header = f"| setting | method | steps x batch | n | pair accuracy ± SE | 95% lower bound | verdict | train s |"
     rows = [header, "|" + "---|" * 8]
+    scores: dict[str, list[float]] = {}
     for name in names:
         config = dataclasses.replace(base, **SETTINGS[name])
         t0 = time.perf_counter()
@@ -95,6 +97,7 @@ def main() -> None:
                        override="benchmark", decision=built.decision)
         seconds = time.perf_counter() - t0
         mine = result.eval
+        scores[name] = mine["scores"]
         test = paired_test(mine["scores"], reference_score(snapshot, config).scores, form=mine["form"])
         row = {"setting": name, "method": config.method, "steps": config.max_steps, "batch": config.batch_size,
                "lr": config.lr, "beta": config.beta, "max_length": config.max_length, "n": test.n,
@@ -108,6 +111,11 @@ def main() -> None:
                     f"{'PROMOTE' if test.passed else 'reject'} | {seconds:.0f} |")
         print(rows[-1], flush=True)
     print("\n" + "\n".join(rows))
+    for name in (n for n in names if n != "demo" and "demo" in scores):  # same held-out pairs: a paired difference
+        diff = [a - b for a, b in zip(scores[name], scores["demo"], strict=True)]
+        mean = sum(diff) / len(diff)
+        se = (sum((d - mean) ** 2 for d in diff) / (len(diff) - 1) / len(diff)) ** 0.5
+        print(f"{name} - demo on the same {len(diff)} held-out pairs: accuracy {mean:+.3f} ± {se:.3f} (paired SE)")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from ktoloop.config import ConfigError
 from ktoloop.methods import OFFLINE
 
 DEVICES = ("auto", "cpu", "cuda")
+ADDED_FIELDS = frozenset({"kl_pairs", "group_by_length"})
+"""Fields added after their section first shipped; at their defaults they leave ``fingerprint`` unchanged."""
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,12 @@ class LoraFields:
         return {**asdict(self), "lora_target_modules": list(self.lora_target_modules)}
 
     def fingerprint(self) -> str:
-        """Short hash of the resolved config (names a run, so ``--resume`` finds it again)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        """Short hash of the resolved config (names a run, so ``--resume`` finds it again). Fields added
+        after a config's first release (``ADDED_FIELDS``) count only when set away from their default, so a
+        config that does not use them keeps the fingerprint, and the model ids, it always had."""
+        added = {f.name: f.default for f in fields(self) if f.name in ADDED_FIELDS}
+        kept = {k: v for k, v in self.to_dict().items() if not (k in added and v == added[k])}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
 
 
 @dataclass(frozen=True)
@@ -111,12 +117,23 @@ class TrainConfig(RunFields):
     """Optimizer steps between checkpoints (for ``resume``); 0 disables checkpoints."""
     keep_checkpoints: int = 2
     gradient_checkpointing: bool = False
+    kl_pairs: int = 0
+    """KTO: mismatched pairs per micro-batch that estimate the KL baseline z (0 = all ``batch_size``, as the
+    KTO paper and TRL do). z is a detached, clamped-at-0 mean over those pairs: k < batch_size estimates the
+    same mean with ~batch_size/k times its variance and no bias before the clamp, and the no-grad KL forward
+    then costs k/batch_size of a full one (``benchmarks/bench_train.py`` reports the held-out effect)."""
+    group_by_length: bool = False
+    """Cut each epoch's micro-batches from windows of similar-length examples (then shuffle the batches), so
+    padding stays small; every batch's loss is exact, only which examples share a batch changes."""
 
     def __post_init__(self) -> None:
         if self.method not in OFFLINE:
             raise ConfigError(f"training.method must be one of {list(OFFLINE)}, got {self.method!r}")
         self._check_run("training", positive=("beta", "batch_size", "grad_accumulation_steps", "keep_checkpoints"),
-                        non_negative=("epochs", "max_steps", "warmup_steps", "checkpoint_every"))
+                        non_negative=("epochs", "max_steps", "warmup_steps", "checkpoint_every", "kl_pairs"))
+        if self.kl_pairs > self.batch_size:
+            raise ConfigError(f"training.kl_pairs must be <= training.batch_size ({self.batch_size}), "
+                              f"got {self.kl_pairs}")
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError("training.epochs and training.max_steps are both 0: set one of them")
 

@@ -46,6 +46,9 @@ from training.runtime import check_decision, make_trainable, process_rank, save_
 
 log = logging.getLogger(__name__)
 
+GROUP_WINDOW = 16
+"""``group_by_length``: global micro-batches per window sorted by length (larger: less padding, less mixing)."""
+
 
 @dataclass
 class Context:
@@ -119,7 +122,7 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(reference.path, device=device)
     data = encode_snapshot(snapshot, "train", tokenizer, method.paired, config.max_length, config.max_prompt_length)
-    plan = _plan(data.n, config, world, method.uses_kl)
+    plan = _plan(data.n, config, world, method.uses_kl, example_lengths(data) if config.group_by_length else None)
     weights = {k: float((snapshot.manifest.kto_weights or {}).get(k, 1.0)) for k in ("desirable", "undesirable")}
     ctx = Context(device, rank, world, tokenizer.pad_token_id,
                   config.batch_size * config.grad_accumulation_steps * world, weights)
@@ -213,13 +216,26 @@ class Plan:
     uses_kl: bool
     steps_per_epoch: int
     total_steps: int
+    lengths: list[int] | None = None
+    """Tokens per example (the longer sequence of a pair), when ``config.group_by_length``."""
 
     def epoch(self, step: int) -> int:
         return step // self.steps_per_epoch
 
     def order(self, epoch: int) -> list[int]:
+        """The epoch's seeded permutation; with lengths, regrouped: each window of ``GROUP_WINDOW`` global
+        micro-batches is sorted by length and cut into micro-batches, whose order is then shuffled."""
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        return torch.randperm(self.n, generator=generator).tolist()
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.lengths is None:
+            return order
+        size = self.config.batch_size * self.world
+        window = size * GROUP_WINDOW
+        grouped = [r for i in range(0, self.n, window)
+                   for r in sorted(order[i: i + window], key=self.lengths.__getitem__)]
+        full = len(grouped) // size
+        blocks = [grouped[b * size: (b + 1) * size] for b in torch.randperm(full, generator=generator).tolist()]
+        return [r for block in blocks for r in block] + grouped[full * size:]
 
     def global_micro_batches(self, step: int) -> list[list[int]]:
         size = self.config.batch_size * self.world
@@ -228,22 +244,27 @@ class Plan:
 
     def step(self, step: int, rank: int) -> list[tuple[list[int], list]]:
         lo, hi = rank * self.config.batch_size, (rank + 1) * self.config.batch_size
-        return [(rows[lo:hi], mismatched(rows)[lo:hi] if self.uses_kl else [])
-                for rows in self.global_micro_batches(step)]
+        return [(rows[lo:hi], self.kl_pairs(rows, rank)) for rows in self.global_micro_batches(step)]
+
+    def kl_pairs(self, rows: list[int], rank: int) -> list:
+        """This process's mismatched pairs of a global micro-batch: its slice, the first ``config.kl_pairs``."""
+        if not self.uses_kl:
+            return []
+        lo = rank * self.config.batch_size
+        return mismatched(rows)[lo: lo + (self.config.kl_pairs or self.config.batch_size)]
 
     def all_pairs(self, data: Encoded) -> list:
         """Every sequence the run will score: only the rows its steps visit (a bounded run pays for those)."""
         visited = sorted({r for step in range(self.total_steps) for rows in self.global_micro_batches(step)
                           for r in rows})
         pairs = data.sequences(visited)
-        if self.uses_kl:
-            for step in range(self.total_steps):
-                for rows in self.global_micro_batches(step):
-                    pairs += mismatched(rows)
+        for step in range(self.total_steps):
+            for rows in self.global_micro_batches(step):
+                pairs += [p for rank in range(self.world) for p in self.kl_pairs(rows, rank)]
         return pairs
 
 
-def _plan(n: int, config: TrainConfig, world: int, uses_kl: bool) -> Plan:
+def _plan(n: int, config: TrainConfig, world: int, uses_kl: bool, lengths: list[int] | None = None) -> Plan:
     global_batch = config.batch_size * config.grad_accumulation_steps * world
     if uses_kl and config.batch_size * world < 2:
         raise KtoLoopError("training.batch_size x processes must be >= 2 for KTO: z needs mismatched pairs")
@@ -252,7 +273,12 @@ def _plan(n: int, config: TrainConfig, world: int, uses_kl: bool) -> Plan:
         raise KtoLoopError(f"the train split has {n} examples, fewer than one global batch ({global_batch} = "
                            f"training.batch_size x grad_accumulation_steps x {world} processes)")
     total = config.max_steps or config.epochs * steps_per_epoch
-    return Plan(n, config, world, uses_kl, steps_per_epoch, total)
+    return Plan(n, config, world, uses_kl, steps_per_epoch, total, lengths if config.group_by_length else None)
+
+
+def example_lengths(data: Encoded) -> list[int]:
+    """Tokens of each example as trained (truncated): a pair counts its longer sequence."""
+    return [max(sum(map(len, data.tokens(p))) for p in data.sequences([row])) for row in range(data.n)]
 
 
 def _sum_gradients(model, world: int) -> None:

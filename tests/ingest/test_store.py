@@ -7,7 +7,7 @@ import time
 import pytest
 
 from ktoloop.migrations import MIGRATIONS
-from ktoloop.store import Store, StoreLockedError
+from ktoloop.store import Store, StoreLockedError, applied_versions
 
 HOLD = "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); time.sleep(float(sys.argv[2]))"
 
@@ -24,6 +24,24 @@ def test_migrations_apply_once_in_order(tmp_path):
     Store(tmp_path / "k.duckdb").init()  # a second open applies nothing twice
     versions = store.read("SELECT version FROM schema_version ORDER BY version")["version"].to_list()
     assert versions == sorted(v for v, _, _ in MIGRATIONS)
+
+
+def test_a_file_of_the_old_schema_keeps_its_decisions_in_the_decisions_table(tmp_path):
+    """Migration 201 moves each snapshot's decision (once stored in ``datasets``) into ``decisions``."""
+    import duckdb
+
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as con:
+        applied_versions(con)  # the bookkeeping table, as the store creates it
+        for version, name, sql in sorted(m for m in MIGRATIONS if m[0] < 201):
+            con.execute(sql)
+            con.execute("INSERT INTO schema_version VALUES (?, ?, now())", [version, name])
+        con.execute("INSERT INTO datasets VALUES ('ds-old', 'h', 'v1', '/p', '{}', ?, '{}', '{}', '{}', now())",
+                    ['{"method": "kto", "train": true, "reasons": ["kto: first eligible"]}'])
+    store = Store(path)
+    store.init()
+    assert store.read("SELECT snapshot_id, method, train FROM decisions").rows() == [("ds-old", "kto", True)]
+    assert "decision" not in store.read("SELECT * FROM datasets").columns
 
 
 @pytest.mark.slow

@@ -60,3 +60,12 @@ def test_every_trainer_checks_its_lora_fields_by_section_name(section):
                          ("lora_layers", -1)):
         with pytest.raises(ConfigError, match=rf"{section}\.{field}"):
             cls(**{field: value})
+
+
+def test_added_fields_at_their_defaults_keep_the_fingerprint():
+    """Model ids name their config's fingerprint: a field added later must not rename every existing model."""
+    assert TrainConfig().fingerprint() == "4a2c90bad1"  # the default [training] before kl_pairs/group_by_length
+    assert TrainConfig(kl_pairs=2).fingerprint() != TrainConfig().fingerprint()
+    assert TrainConfig(group_by_length=True).fingerprint() != TrainConfig().fingerprint()
+    with pytest.raises(ConfigError, match=r"training.kl_pairs must be <= training.batch_size \(8\)"):
+        TrainConfig(kl_pairs=9)

@@ -16,6 +16,7 @@ from ktoloop.cli import main
 from ktoloop.errors import KtoLoopError
 from train_helpers import SMALL_GATES, allow, toy_snapshot
 from training.config import TrainConfig
+from training.data import encode_snapshot
 from training.evaluate import evaluate_preference
 from training.modeling import load_model
 from training.reference import pin_reference
@@ -179,3 +180,34 @@ def test_two_processes_give_the_same_loss_as_one(tiny_reference, toy, tmp_path):
     assert one[0]["kl"] < 1e-5 < one[-1]["kl"]                   # z is exercised, not trivially zero
     wa, wb = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
+    lengths = [5 + (i * 37) % 120 for i in range(256)]
+    config = TrainConfig(method="kto", batch_size=8, group_by_length=True, device="cpu")
+    plan, plain = _plan(256, config, 1, True, lengths), _plan(256, TrainConfig(batch_size=8, device="cpu"), 1, True)
+
+    def padding(p):
+        batches = [p.step(s, 0)[0][0] for s in range(p.steps_per_epoch)]
+        return sum(max(lengths[r] for r in b) * len(b) - sum(lengths[r] for r in b) for b in batches), batches
+
+    grouped_pad, batches = padding(plan)
+    assert sorted(r for b in batches for r in b) == list(range(256))  # every example once per epoch
+    assert grouped_pad < padding(plain)[0] / 4
+    assert plan.order(0) == _plan(256, config, 1, True, lengths).order(0) != plan.order(1)  # seeded per epoch
+
+
+def test_a_kl_subset_scores_only_its_pairs_and_step_one_is_still_exact(tiny_model_dir, toy, tmp_path):
+    """kl_pairs=2 of batch 8: the run scores 2 mismatched pairs per micro-batch (reference cache included),
+    and at step 1 (policy = reference) every KTO loss is still exactly lambda * 0.5."""
+    config = TrainConfig(method="kto", max_steps=2, batch_size=8, kl_pairs=2, lr=1e-2, device="cpu",
+                         group_by_length=True)
+    plan = _plan(32, config, 1, True, [1] * 32)
+    assert all(len(kl) == 2 for _, kl in plan.step(0, 0))
+    assert len(plan.all_pairs(encode_snapshot(toy, "train", load_model(tiny_model_dir, device="cpu")[1], False,
+                                              config.max_length, config.max_prompt_length))) == 16 + 2 * 2
+    ref = pin_reference(tiny_model_dir, "tiny-v1", tmp_path / "home")
+    result = train(config, toy, ref, tmp_path / "out", cache_dir=tmp_path / "cache", decision=allow(toy))
+    first = metrics(tmp_path / "out")[0]
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5) and first["loss"] == pytest.approx(0.5, rel=1e-4)
+    assert result.meta["config"]["kl_pairs"] == 2
