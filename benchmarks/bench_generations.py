@@ -141,6 +141,8 @@ max_prompt_length = 96
 lora_r = 16
 lora_alpha = 32
 lora_layers = 8
+kl_pairs = {kl_pairs}
+group_by_length = {group_by_length}
 [monitoring]
 quick_sizes = {{ arc_easy = 150, piqa = 150 }}
 [flows]
@@ -155,6 +157,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=96, help="held-out prompts (2 answers each) for the rates")
     parser.add_argument("--steps", type=int, default=60, help="KTO steps per retrain (batch 16)")
     parser.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate of each retrain")
+    parser.add_argument("--kl-pairs", type=int, default=0, help="[training] kl_pairs (0: all of the batch)")
+    parser.add_argument("--group-by-length", action="store_true", help="[training] group_by_length")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--home", default="", help="state folder (default: a temporary one)")
     args = parser.parse_args()
@@ -165,7 +169,8 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     config = home / "ktoloop.toml"
-    config.write_text(CONFIG.format(home=home / "state", port=port, steps=args.steps, lr=args.lr))
+    config.write_text(CONFIG.format(home=home / "state", port=port, steps=args.steps, lr=args.lr,
+                                      kl_pairs=args.kl_pairs, group_by_length=str(args.group_by_length).lower()))
     os.environ["KTOLOOP_CONFIG"] = str(config)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 

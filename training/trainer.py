@@ -122,7 +122,8 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(reference.path, device=device)
     data = encode_snapshot(snapshot, "train", tokenizer, method.paired, config.max_length, config.max_prompt_length)
-    plan = _plan(data.n, config, world, method.uses_kl, example_lengths(data) if config.group_by_length else None)
+    plan = _plan(data.n, config, world, method.uses_kl, example_lengths(data) if config.group_by_length else None,
+                 data.desirable or None)
     weights = {k: float((snapshot.manifest.kto_weights or {}).get(k, 1.0)) for k in ("desirable", "undesirable")}
     ctx = Context(device, rank, world, tokenizer.pad_token_id,
                   config.batch_size * config.grad_accumulation_steps * world, weights)
@@ -218,24 +219,43 @@ class Plan:
     total_steps: int
     lengths: list[int] | None = None
     """Tokens per example (the longer sequence of a pair), when ``config.group_by_length``."""
+    labels: list[bool] | None = None
+    """KTO with ``group_by_length``: each example's label, so grouping keeps every batch's label mix."""
 
     def epoch(self, step: int) -> int:
         return step // self.steps_per_epoch
 
     def order(self, epoch: int) -> list[int]:
-        """The epoch's seeded permutation; with lengths, regrouped: each window of ``GROUP_WINDOW`` global
-        micro-batches is sorted by length and cut into micro-batches, whose order is then shuffled."""
+        """The epoch's seeded permutation; with lengths, regrouped window by window (``_grouped``) and cut
+        into micro-batches, whose order is then shuffled."""
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
         if self.lengths is None:
             return order
         size = self.config.batch_size * self.world
         window = size * GROUP_WINDOW
-        grouped = [r for i in range(0, self.n, window)
-                   for r in sorted(order[i: i + window], key=self.lengths.__getitem__)]
+        grouped = [r for i in range(0, self.n, window) for r in self._grouped(order[i: i + window], size)]
         full = len(grouped) // size
         blocks = [grouped[b * size: (b + 1) * size] for b in torch.randperm(full, generator=generator).tolist()]
         return [r for block in blocks for r in block] + grouped[full * size:]
+
+    def _grouped(self, rows: list[int], size: int) -> list[int]:
+        """One window of ``GROUP_WINDOW`` batches, laid out so consecutive ``size`` rows have similar lengths.
+
+        With labels, each batch takes its quantile slice of every label's length-sorted rows, so it keeps the
+        window's share of thumbs up: sorting by length alone would make batches of one label wherever length
+        predicts the label (short answers liked), and KTO on one-label batches pushes every answer the same
+        way (measured: held-out liked answers' log-ratios fell with the disliked ones)."""
+        key = self.lengths.__getitem__
+        if self.labels is None:
+            return sorted(rows, key=key)
+        batches = max(1, len(rows) // size)
+        dealt: list[list[int]] = [[] for _ in range(batches)]
+        for label in (True, False):
+            members = sorted((r for r in rows if self.labels[r] == label), key=key)
+            for b in range(batches):
+                dealt[b] += members[b * len(members) // batches: (b + 1) * len(members) // batches]
+        return [r for batch in dealt for r in batch]
 
     def global_micro_batches(self, step: int) -> list[list[int]]:
         size = self.config.batch_size * self.world
@@ -264,7 +284,8 @@ class Plan:
         return pairs
 
 
-def _plan(n: int, config: TrainConfig, world: int, uses_kl: bool, lengths: list[int] | None = None) -> Plan:
+def _plan(n: int, config: TrainConfig, world: int, uses_kl: bool, lengths: list[int] | None = None,
+          labels: list[bool] | None = None) -> Plan:
     global_batch = config.batch_size * config.grad_accumulation_steps * world
     if uses_kl and config.batch_size * world < 2:
         raise KtoLoopError("training.batch_size x processes must be >= 2 for KTO: z needs mismatched pairs")
@@ -273,7 +294,9 @@ def _plan(n: int, config: TrainConfig, world: int, uses_kl: bool, lengths: list[
         raise KtoLoopError(f"the train split has {n} examples, fewer than one global batch ({global_batch} = "
                            f"training.batch_size x grad_accumulation_steps x {world} processes)")
     total = config.max_steps or config.epochs * steps_per_epoch
-    return Plan(n, config, world, uses_kl, steps_per_epoch, total, lengths if config.group_by_length else None)
+    grouped = config.group_by_length and lengths is not None
+    return Plan(n, config, world, uses_kl, steps_per_epoch, total, lengths if grouped else None,
+                labels if grouped and labels else None)
 
 
 def example_lengths(data: Encoded) -> list[int]:

@@ -182,19 +182,36 @@ def test_two_processes_give_the_same_loss_as_one(tiny_reference, toy, tmp_path):
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
+def padding(batches: list[list[int]], lengths: list[int]) -> int:
+    return sum(max(lengths[r] for r in b) * len(b) - sum(lengths[r] for r in b) for b in batches)
+
+
 def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
     lengths = [5 + (i * 37) % 120 for i in range(256)]
     config = TrainConfig(method="kto", batch_size=8, group_by_length=True, device="cpu")
     plan, plain = _plan(256, config, 1, True, lengths), _plan(256, TrainConfig(batch_size=8, device="cpu"), 1, True)
 
-    def padding(p):
-        batches = [p.step(s, 0)[0][0] for s in range(p.steps_per_epoch)]
-        return sum(max(lengths[r] for r in b) * len(b) - sum(lengths[r] for r in b) for b in batches), batches
-
-    grouped_pad, batches = padding(plan)
+    batches = [plan.step(s, 0)[0][0] for s in range(plan.steps_per_epoch)]
     assert sorted(r for b in batches for r in b) == list(range(256))  # every example once per epoch
-    assert grouped_pad < padding(plain)[0] / 4
+    assert padding(batches, lengths) < padding([plain.step(s, 0)[0][0] for s in range(32)], lengths) / 4
     assert plan.order(0) == _plan(256, config, 1, True, lengths).order(0) != plan.order(1)  # seeded per epoch
+
+
+def test_length_grouping_keeps_each_batchs_share_of_thumbs_up_when_length_predicts_the_label():
+    """Short answers liked (1 in 4): grouping by length alone would give one-label batches; KTO's grouping
+    gives every batch its 2 of 8 thumbs up (give or take one) and still cuts the padding."""
+    lengths = [5 + (i * 37) % 120 for i in range(256)]
+    labels = [length < 35 for length in lengths]
+    config = TrainConfig(method="kto", batch_size=8, group_by_length=True, device="cpu")
+    plan = _plan(256, config, 1, True, lengths, labels)
+    batches = [plan.step(s, 0)[0][0] for s in range(plan.steps_per_epoch)]
+    assert sorted(r for b in batches for r in b) == list(range(256))
+    share = sum(labels) / 256 * 8
+    assert all(abs(sum(labels[r] for r in b) - round(share)) <= 1 for b in batches)
+    unlabelled = _plan(256, config, 1, True, lengths)
+    assert max(sum(labels[r] for r in unlabelled.step(s, 0)[0][0]) for s in range(32)) == 8  # one-label batches
+    plain = _plan(256, TrainConfig(batch_size=8, device="cpu"), 1, True)
+    assert padding(batches, lengths) < 0.7 * padding([plain.step(s, 0)[0][0] for s in range(32)], lengths)
 
 
 def test_a_kl_subset_scores_only_its_pairs_and_step_one_is_still_exact(tiny_model_dir, toy, tmp_path):
