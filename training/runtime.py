@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 
 from ktoloop.config import ConfigError
+from ktoloop.decision import decide_snapshot
 from ktoloop.errors import KtoLoopError
+from ktoloop.methods import GateConfig
 from training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -33,9 +35,6 @@ def check_decision(snapshot, method: str, decision=None, override: str | None = 
     decision of no training, a method it found ineligible. ``override`` (a reason) lets it through; the
     returned record goes into the run's metadata.
     """
-    from ktoloop.decision import decide_snapshot
-    from ktoloop.methods import GateConfig
-
     name = snapshot.manifest.snapshot_id
     if decision is None:
         decision = decide_snapshot(name, snapshot.manifest.counts, GateConfig(), reward_model=reward_model)

@@ -25,7 +25,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -221,6 +221,8 @@ class Plan:
     """Tokens per example (the longer sequence of a pair), when ``config.group_by_length``."""
     labels: list[bool] | None = None
     """KTO with ``group_by_length``: each example's label, so grouping keeps every batch's label mix."""
+    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False, compare=False)
+    """Each epoch's order, computed once: every step (and ``all_pairs``, over every step) asks for it."""
 
     def epoch(self, step: int) -> int:
         return step // self.steps_per_epoch
@@ -228,6 +230,11 @@ class Plan:
     def order(self, epoch: int) -> list[int]:
         """The epoch's seeded permutation; with lengths, regrouped window by window (``_grouped``) and cut
         into micro-batches, whose order is then shuffled."""
+        if epoch not in self._orders:
+            self._orders[epoch] = self._order(epoch)
+        return self._orders[epoch]
+
+    def _order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         order = torch.randperm(self.n, generator=generator).tolist()
         if self.lengths is None:
@@ -278,9 +285,10 @@ class Plan:
         visited = sorted({r for step in range(self.total_steps) for rows in self.global_micro_batches(step)
                           for r in rows})
         pairs = data.sequences(visited)
-        for step in range(self.total_steps):
-            for rows in self.global_micro_batches(step):
-                pairs += [p for rank in range(self.world) for p in self.kl_pairs(rows, rank)]
+        if self.uses_kl:
+            for step in range(self.total_steps):
+                for rows in self.global_micro_batches(step):
+                    pairs += [p for rank in range(self.world) for p in self.kl_pairs(rows, rank)]
         return pairs
 
 
