@@ -144,7 +144,7 @@ lora_layers = 8
 kl_pairs = {kl_pairs}
 group_by_length = {group_by_length}
 [monitoring]
-quick_sizes = {{ arc_easy = 150, piqa = 150 }}
+quick_sizes = {{ arc_easy = {items}, piqa = {items} }}
 [flows]
 suite = "quick"
 """
@@ -160,6 +160,9 @@ def main() -> None:
     parser.add_argument("--kl-pairs", type=int, default=0, help="[training] kl_pairs (0: all of the batch)")
     parser.add_argument("--group-by-length", action="store_true", help="[training] group_by_length")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--capability-items", type=int, default=300,
+                        help="ARC-Easy and PIQA items the capability gate scores (150 lacked the power to pass an "
+                             "unchanged model whose answers moved on many items)")
     parser.add_argument("--home", default="", help="state folder (default: a temporary one)")
     args = parser.parse_args()
 
@@ -170,7 +173,8 @@ def main() -> None:
         port = sock.getsockname()[1]
     config = home / "ktoloop.toml"
     config.write_text(CONFIG.format(home=home / "state", port=port, steps=args.steps, lr=args.lr,
-                                      kl_pairs=args.kl_pairs, group_by_length=str(args.group_by_length).lower()))
+                                      kl_pairs=args.kl_pairs, group_by_length=str(args.group_by_length).lower(),
+                                      items=args.capability_items))
     os.environ["KTOLOOP_CONFIG"] = str(config)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
