@@ -4,7 +4,8 @@
         -> PreferenceScore      (cache_dir: the reference log-prob cache, <home>/cache in the CLI)
 
 ``model`` is the policy (a PeftModel, or a merged model from ``training.modeling.load_model``), already on its
-device. Reference log-probs come from the on-disk cache, computed with the pinned reference on a miss.
+device. Reference log-probs come from the on-disk cache; on a miss, from the policy's own forward when it shares
+a trunk with the reference (``training.logprobs.shared_trunk``), else from the pinned reference loaded for it.
 
 Every model scored on one snapshot is scored in the same form (``heldout_method``), so the promotion gate
 can compare them example by example: on the held-out same-prompt pairs when there are any (whether a pair's
@@ -28,7 +29,7 @@ import torch
 from ktoloop.snapshot import Snapshot
 from training.config import TrainConfig
 from training.data import Encoded, Pair, encode_snapshot, mismatched
-from training.logprobs import ReferenceCache, compute_logps
+from training.logprobs import ReferenceCache, compute_logps, compute_policy_and_reference, shared_trunk
 from ktoloop.methods import METHODS
 from training.losses import BatchInfo
 from training.reference import Reference
@@ -105,14 +106,19 @@ def evaluate_preference(model, tokenizer, snapshot: Snapshot, reference: Referen
     name, method, data, pairs, kl_pairs = _encode(snapshot, split, tokenizer, config)
     device = next(model.parameters()).device
     cache = reference_cache(reference, device, cache_dir)
-    if cache.missing(data, pairs + kl_pairs):
-        from training.modeling import load_model
+    batch, label, shared = max(config.batch_size, 8), f"held-out scoring ({split})", shared_trunk(model)
+    if shared and cache.missing(data, pairs + kl_pairs):
+        policy, reference_logps = compute_policy_and_reference(model, data, pairs + kl_pairs, _pad(tokenizer),
+                                                               device, batch, shared, label)
+        cache.add(data, pairs + kl_pairs, reference_logps)
+    else:
+        if cache.missing(data, pairs + kl_pairs):
+            from training.modeling import load_model
 
-        ref_model, _ = load_model(reference.path, device=device)
-        cache.fill(ref_model, data, pairs + kl_pairs, _pad(tokenizer), device, max(config.batch_size, 8))
-        del ref_model
-    policy = compute_logps(model, data, pairs + kl_pairs, _pad(tokenizer), device, max(config.batch_size, 8),
-                           label=f"held-out scoring ({split})")
+            ref_model, _ = load_model(reference.path, device=device)
+            cache.fill(ref_model, data, pairs + kl_pairs, _pad(tokenizer), device, batch)
+            del ref_model
+        policy = compute_logps(model, data, pairs + kl_pairs, _pad(tokenizer), device, batch, label)
     policy = policy.to(device)  # the loss may all-reduce (KTO's z), and NCCL needs device tensors
     ref = cache.get(data, pairs, device)
     lengths = torch.tensor([len(data.tokens(p)[1]) for p in pairs], dtype=torch.float32, device=device)

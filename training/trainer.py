@@ -15,7 +15,9 @@ Public functions (the flows call these; the CLI is a thin layer over them):
     evaluate_preference(model, tokenizer, snapshot, reference, config, *, cache_dir, split="eval")
         -> PreferenceScore   (in training.evaluate: held-out loss and reward accuracy)
 
-The step (``train_step``) is one forward+backward per micro-batch, plus one no-grad forward for KTO's z.
+The step (``train_step``) is one forward+backward per micro-batch, plus one no-grad forward for KTO's z. The
+reference's log-probs come from the same forwards when LoRA leaves a shared trunk (the layers above it run
+again with the adapter disabled), else from the cache filled before the first step (``training.logprobs``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from ktoloop.snapshot import Snapshot
 from training.config import TrainConfig
 from training.data import Encoded, encode_snapshot, collate, mismatched
 from training.evaluate import evaluate_preference, fill_reference, heldout_method, reference_cache
-from training.logprobs import ReferenceCache, autocast, sequence_logps
+from training.logprobs import (ReferenceCache, autocast, frozen_reference, policy_and_reference_logps,
+                               sequence_logps, shared_trunk)
 from training.losses import BatchInfo
 from training.reference import Reference
 from training.runs import (META_FILE, RunResult, append_metrics, finished_run, last_metrics, load_checkpoint,
@@ -60,6 +63,8 @@ class Context:
     pad_id: int
     examples_per_step: int  # global: batch_size x grad_accumulation_steps x world
     weights: dict[str, float]
+    shared_layers: int = 0
+    """``training.logprobs.shared_trunk``: > 0, the step computes the reference's log-probs itself."""
 
 
 # ----------------------------------------------------------------------------------------------- the step
@@ -77,12 +82,12 @@ def train_step(model, optimizer, scheduler, micro_batches, data: Encoded, ref: R
         if data.desirable:
             info.desirable = torch.tensor([data.desirable[r] for r in rows], device=ctx.device)
         with autocast(ctx.device):
-            policy = sequence_logps(model, batch)
+            policy, reference = _logps(model, batch, data, pairs, ref, ctx)
             if method.uses_kl:
                 with torch.no_grad():
-                    info.kl_policy_logps = sequence_logps(model, collate(data, kl_pairs, ctx.pad_id, ctx.device))
-                info.kl_reference_logps = ref.get(data, kl_pairs, ctx.device)
-        out = method.loss(policy, ref.get(data, pairs, ctx.device), info, config.beta)
+                    kl_batch = collate(data, kl_pairs, ctx.pad_id, ctx.device)
+                    info.kl_policy_logps, info.kl_reference_logps = _logps(model, kl_batch, data, kl_pairs, ref, ctx)
+        out = method.loss(policy, reference, info, config.beta)
         (out.losses.sum() / ctx.examples_per_step).backward()
         stats += torch.tensor([out.losses.sum().item(), len(out.losses),
                                out.chosen_rewards.sum().item(), len(out.chosen_rewards),
@@ -96,6 +101,14 @@ def train_step(model, optimizer, scheduler, micro_batches, data: Encoded, ref: R
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return _step_metrics(stats, ctx, grad_norm, lr)
+
+
+def _logps(model, batch, data: Encoded, pairs, ref: ReferenceCache, ctx: Context):
+    """(policy, reference) log-probs of a batch: both from one trunk pass when LoRA leaves one, else the
+    reference's from the cache."""
+    if ctx.shared_layers:
+        return policy_and_reference_logps(model, batch, ctx.shared_layers)
+    return sequence_logps(model, batch), ref.get(data, pairs, ctx.device)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -125,21 +138,26 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
     plan = _plan(data.n, config, world, method.uses_kl, example_lengths(data) if config.group_by_length else None,
                  data.desirable or None)
     weights = {k: float((snapshot.manifest.kto_weights or {}).get(k, 1.0)) for k in ("desirable", "undesirable")}
+    model = make_trainable(model, config)
     ctx = Context(device, rank, world, tokenizer.pad_token_id,
-                  config.batch_size * config.grad_accumulation_steps * world, weights)
+                  config.batch_size * config.grad_accumulation_steps * world, weights, shared_trunk(model))
 
-    # Reference log-probs for every sequence the run (and its held-out scoring) will see, before any update.
+    # Without a shared trunk: the reference's log-probs of every sequence the run (and its held-out scoring)
+    # will see, before any update. With one, the steps and the held-out scoring compute their own.
     has_eval = heldout_method(snapshot, config.method) is not None
     ref = reference_cache(reference, device, cache_dir)
-    if rank == 0:
-        ref.fill(model, data, plan.all_pairs(data), ctx.pad_id, device, max(config.batch_size, 8))
-        if has_eval:
-            fill_reference(model, tokenizer, snapshot, reference, config, "eval", cache_dir)
+    if rank == 0 and not ctx.shared_layers:
+        with frozen_reference(model):
+            ref.fill(model, data, plan.all_pairs(data), ctx.pad_id, device, max(config.batch_size, 8))
+            if has_eval:
+                fill_reference(model, tokenizer, snapshot, reference, config, "eval", cache_dir)
     if world > 1:
         dist.barrier()
         ref = reference_cache(reference, device, cache_dir)  # re-read rank 0's file
+    if ctx.shared_layers:
+        log.info("reference log-probs: computed in each step from the policy's first %d layers (shared trunk)",
+                 ctx.shared_layers)
 
-    model = make_trainable(model, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, plan.total_steps))
