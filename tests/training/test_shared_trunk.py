@@ -62,7 +62,7 @@ def test_a_shared_trunk_run_trains_exactly_as_the_cached_reference_run(method, c
     snapshot = toy_snapshot(tmp_path / "snaps")
     config = TrainConfig(method=method, max_steps=3, batch_size=4, lr=1e-2, device="cpu", lora_layers=1,
                          gradient_checkpointing=checkpointing)
-    shared = train(config, snapshot, tiny_reference, tmp_path / "shared", cache_dir=tmp_path / "c1",
+    shared = train(config, snapshot, tiny_reference, tmp_path / "trunk", cache_dir=tmp_path / "c1",
                    decision=allow(snapshot))
     monkeypatch.setattr(training.trainer, "shared_trunk", lambda model: 0)  # the up-front cache instead
     cached = train(config, snapshot, tiny_reference, tmp_path / "cached", cache_dir=tmp_path / "c2",
