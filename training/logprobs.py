@@ -66,6 +66,7 @@ def shared_trunk(model) -> int:
     decoder = model.get_base_model().get_decoder()
     if not (hasattr(decoder, "layers") and hasattr(decoder, "norm")):
         return 0
+
     def changed(module) -> int:  # parameters that make the policy differ from the reference
         return sum(p.requires_grad or "lora_" in n or "modules_to_save" in n for n, p in module.named_parameters())
 
@@ -137,8 +138,9 @@ def compute_policy_and_reference(model, data: Encoded, pairs: list[Pair], pad_id
 
 
 @torch.no_grad()
-def _batched(score, outputs: int, model, data: Encoded, pairs: list[Pair], pad_id: int, device: torch.device, batch_size: int,
-             label: str) -> tuple[torch.Tensor, ...]:
+def _batched(score, outputs: int, model, data: Encoded, pairs: list[Pair], pad_id: int, device: torch.device,
+             batch_size: int, label: str) -> tuple[torch.Tensor, ...]:
+    """``outputs`` tensors of per-sequence values, ``score(batch)`` giving each batch's."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(pairs)), key=lambda k: len(data.tokens(pairs[k])[0]) + len(data.tokens(pairs[k])[1]))

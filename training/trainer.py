@@ -186,6 +186,8 @@ def train(config: TrainConfig, snapshot: Snapshot, reference: Reference, out_dir
         score = evaluate_preference(model, tokenizer, snapshot, reference, config, cache_dir=cache_dir)
     meta = run_meta(config, snapshot, reference, started, steps=plan.total_steps, examples=plan.n, processes=world,
                     final_train_metrics=last_metrics(out_dir), eval=dataclasses.asdict(score) if score else None,
+                    reference_logps={"shared_layers": ctx.shared_layers, "source": "step" if ctx.shared_layers
+                                     else "cache"},
                     **({"override": overridden} if overridden else {}))
     if rank == 0:
         save_model(model, tokenizer, config, out_dir)

@@ -72,5 +72,7 @@ def test_a_shared_trunk_run_trains_exactly_as_the_cached_reference_run(method, c
             for run in (shared, cached)]
     for key in ("loss", "rewards/margin", "kl", "grad_norm"):
         assert [r[key] for r in rows[0]] == pytest.approx([r[key] for r in rows[1]], rel=1e-4, abs=1e-5), key
+    assert shared.meta["reference_logps"] == {"shared_layers": 1, "source": "step"}
+    assert cached.meta["reference_logps"] == {"shared_layers": 0, "source": "cache"}
     assert shared.eval["scores"] == cached.eval["scores"]
     assert shared.eval["loss"] == pytest.approx(cached.eval["loss"], rel=1e-4)
