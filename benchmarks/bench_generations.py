@@ -208,6 +208,7 @@ def main() -> None:
                    "degenerate": degenerate_share, "kl_to_g0": kl, "gate": "", "minutes": 0.0}
             print(f"generation {generation} ({serving.model_version}): held-out thumbs-up {up:.3f} ± {se:.3f}, "
                   f"degenerate {degenerate_share:.3f}, KL to g0 {kl:.2f}", flush=True)
+            print(f"   degenerate answers: {[t for t in held.texts if degenerate(t)][:8]}", flush=True)
             if generation == args.generations:
                 rows.append(row)
                 break
