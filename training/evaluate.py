@@ -106,19 +106,20 @@ def evaluate_preference(model, tokenizer, snapshot: Snapshot, reference: Referen
     name, method, data, pairs, kl_pairs = _encode(snapshot, split, tokenizer, config)
     device = next(model.parameters()).device
     cache = reference_cache(reference, device, cache_dir)
-    batch, label, shared = max(config.batch_size, 8), f"held-out scoring ({split})", shared_trunk(model)
-    if shared and cache.missing(data, pairs + kl_pairs):
-        policy, reference_logps = compute_policy_and_reference(model, data, pairs + kl_pairs, _pad(tokenizer),
-                                                               device, batch, shared, label)
-        cache.add(data, pairs + kl_pairs, reference_logps)
+    scored, batch, label = pairs + kl_pairs, max(config.batch_size, 8), f"held-out scoring ({split})"
+    missing, shared = bool(cache.missing(data, scored)), shared_trunk(model)
+    if missing and shared:
+        policy, reference_logps = compute_policy_and_reference(model, data, scored, _pad(tokenizer), device, batch,
+                                                               shared, label)
+        cache.add(data, scored, reference_logps)
     else:
-        if cache.missing(data, pairs + kl_pairs):
+        if missing:
             from training.modeling import load_model
 
             ref_model, _ = load_model(reference.path, device=device)
-            cache.fill(ref_model, data, pairs + kl_pairs, _pad(tokenizer), device, batch)
+            cache.fill(ref_model, data, scored, _pad(tokenizer), device, batch)
             del ref_model
-        policy = compute_logps(model, data, pairs + kl_pairs, _pad(tokenizer), device, batch, label)
+        policy = compute_logps(model, data, scored, _pad(tokenizer), device, batch, label)
     policy = policy.to(device)  # the loss may all-reduce (KTO's z), and NCCL needs device tensors
     ref = cache.get(data, pairs, device)
     lengths = torch.tensor([len(data.tokens(p)[1]) for p in pairs], dtype=torch.float32, device=device)
