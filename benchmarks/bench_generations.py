@@ -1,6 +1,6 @@
 """The loop itself, generation after generation: does what users get improve?
 
-    .venv/bin/python benchmarks/bench_generations.py [--generations 3] [--prompts 320] [--heldout 96]
+    .venv/bin/python benchmarks/bench_generations.py [--generations 3] [--lr 1e-3] [--canary-events 200]
 
 A simulation of production on SmolLM2-135M-Instruct. Each generation, the serving model answers real prompts
 (the first human turn of HH-RLHF harmless-base transcripts) by sampling with ``generate``; simulated users
@@ -10,6 +10,12 @@ the serving model, which is also the frozen reference), gate, promote, export an
 enter training; on them, each generation reports the users' thumbs-up rate of fresh samples (± SE), the rate
 of degenerate answers, the KL of the serving model to generation 0 (mean over its own samples of
 log p_g(y|x) - log p_0(y|x), nats per answer) and the gate's decision and figures (capability included).
+
+With ``--canary-events N`` (the default), a candidate that passes the gate first answers the next batch of
+prompts beside the serving model, as a canary; the next retrain promotes it only when the users liked its
+answers significantly more often (``flows.loop.check_canary``), and then trains the next model on those
+answers' feedback. After the last retrain, one more batch decides the last canary. Each served generation's
+held-out rate is also compared with its parent's by the same two-proportion test.
 
 The simulated users like an answer when it is finished (ends with the end-of-turn token within
 ``max_new_tokens``), is 5 to 60 words long, names no dialogue role ("Human:", "Assistant:") and is not
@@ -70,14 +76,14 @@ class Samples:
 
 
 def sample(model, tokenizer, prompts: list[str], per_prompt: int, max_new_tokens: int, seed: int,
-           batch: int = 32) -> Samples:
-    """``per_prompt`` sampled answers to each prompt, through the PPO rollout's sampler."""
+           top_p: float = 1.0, batch: int = 32) -> Samples:
+    """``per_prompt`` sampled answers to each prompt, through the PPO rollout's sampler (temperature 1)."""
     import torch
 
     from training.data import render_prompt
     from training.ppo import PPOConfig, generate
 
-    config = PPOConfig(max_new_tokens=max_new_tokens, max_generated_tokens=10**9, device="cpu")
+    config = PPOConfig(max_new_tokens=max_new_tokens, max_generated_tokens=10**9, device="cpu", top_p=top_p)
     torch.manual_seed(seed)
     out = Samples([], [], [], [], [])
     asked = [p for p in prompts for _ in range(per_prompt)]
@@ -111,12 +117,20 @@ def kl_to_base(model, base_model, samples: Samples, pad_id: int) -> float:
     return float((mine - base).mean())
 
 
-def rate(samples: Samples) -> tuple[float, float, float]:
-    """(thumbs-up rate, its standard error, degenerate share)."""
-    ups = [liked(t, f) for t, f in zip(samples.texts, samples.finished)]
-    n = len(ups)
-    p = sum(ups) / n
-    return p, math.sqrt(p * (1 - p) / n), sum(degenerate(t) for t in samples.texts) / n
+def rate(samples: Samples) -> tuple[int, int, float]:
+    """(thumbs up, answers, degenerate share)."""
+    ups = sum(liked(t, f) for t, f in zip(samples.texts, samples.finished))
+    return ups, len(samples.texts), sum(degenerate(t) for t in samples.texts) / len(samples.texts)
+
+
+def rated_events(samples: Samples, model_version: str, tag: str, day: int) -> list[dict]:
+    """The simulated users' ratings of ``samples`` as feedback events stamped with the answering model's version."""
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=day)
+    return [{"event_id": f"sim-{tag}-{k}", "prompt": p, "response": t or "(empty)",
+             "label": "up" if liked(t, f) else "down", "model_version": model_version,
+             "event_time": (when + dt.timedelta(seconds=k)).isoformat(),
+             "prompt_id": "sim-" + hashlib.sha256(p.encode()).hexdigest()[:12], "source": "simulation"}
+            for k, (p, t, f) in enumerate(zip(samples.prompts, samples.texts, samples.finished))]
 
 
 CONFIG = """
@@ -147,18 +161,24 @@ group_by_length = {group_by_length}
 quick_sizes = {{ arc_easy = {items}, piqa = {items} }}
 [flows]
 suite = "quick"
+canary_events = {canary_events}
 """
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--generations", type=int, default=3)
-    parser.add_argument("--prompts", type=int, default=400, help="training prompts per generation (2 answers each)")
-    parser.add_argument("--heldout", type=int, default=96, help="held-out prompts (2 answers each) for the rates")
-    parser.add_argument("--steps", type=int, default=60, help="KTO steps per retrain (batch 16)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate of each retrain")
-    parser.add_argument("--kl-pairs", type=int, default=0, help="[training] kl_pairs (0: all of the batch)")
-    parser.add_argument("--group-by-length", action="store_true", help="[training] group_by_length")
+    parser.add_argument("--generations", type=int, default=3, help="retrains (each may promote a generation)")
+    parser.add_argument("--prompts", type=int, default=360, help="training prompts per batch (2 answers each)")
+    parser.add_argument("--heldout", type=int, default=160, help="held-out prompts (2 answers each) for the rates")
+    parser.add_argument("--steps", type=int, default=40, help="KTO steps per retrain (batch 16)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate of each retrain")
+    parser.add_argument("--kl-pairs", type=int, default=4, help="[training] kl_pairs (0: all of the batch)")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                        help="[training] group_by_length")
+    parser.add_argument("--canary-events", type=int, default=200,
+                        help="[flows] canary_events: rated answers of each arm that decide a canary (0: no canary, "
+                             "a candidate that passes the gate serves at once)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling of the served models' answers")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--capability-items", type=int, default=300,
                         help="ARC-Easy and PIQA items the capability gate scores (150 lacked the power to pass an "
@@ -174,12 +194,14 @@ def main() -> None:
     config = home / "ktoloop.toml"
     config.write_text(CONFIG.format(home=home / "state", port=port, steps=args.steps, lr=args.lr,
                                       kl_pairs=args.kl_pairs, group_by_length=str(args.group_by_length).lower(),
-                                      items=args.capability_items))
+                                      items=args.capability_items, canary_events=args.canary_events))
     os.environ["KTOLOOP_CONFIG"] = str(config)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
-    from flows.lineage import serving_reference
-    from flows.loop import store_of
+    from flows import registry
+    from flows.gate import proportion_test
+    from flows.lineage import export_reference, serving_reference
+    from flows.loop import check_canary, drain, store_of
     from flows.prefect_flows import retrain_flow
     from ingest.broker import LocalBroker
     from ingest.publish import publish
@@ -190,50 +212,75 @@ def main() -> None:
     from training.reference import materialize_default
 
     settings = load_settings(config)
+    store = store_of(settings)
     base = materialize_default(settings.home_dir)
     broker = LocalBroker(settings.broker, settings.home_dir)
     broker.start()
     prompts = hh_prompts(settings.data_file(data.HH_RLHF_HARMLESS_TEST))
     heldout, pool = prompts[: args.heldout], prompts[args.heldout:]
     base_model, tokenizer = load_model(base.path, device="cpu")
-    rows, started = [], time.monotonic()
+    served, decisions, started = [], [], time.monotonic()
+
+    def measure(serving) -> None:
+        """Held-out thumbs-up rate, degenerate share and KL to g0 of a newly serving model, vs its parent."""
+        model, _ = load_model(serving.path, device="cpu")
+        held = sample(model, tokenizer, heldout, 2, args.max_new_tokens, seed=10_000 + serving.generation,
+                      top_p=args.top_p)
+        ups, n, degenerate_share = rate(held)
+        kl = kl_to_base(model, base_model, held, tokenizer.pad_token_id) if serving.generation else 0.0
+        versus = proportion_test(ups, n, served[-1]["ups"], served[-1]["n"]) if served else None
+        served.append({"generation": serving.generation, "model_version": serving.model_version, "ups": ups, "n": n,
+                       "degenerate": degenerate_share, "kl_to_g0": kl, "versus": versus})
+        print(f"generation {serving.generation} ({serving.model_version}): held-out thumbs-up {ups / n:.3f} "
+              f"({ups}/{n}), degenerate {degenerate_share:.3f}, KL to g0 {kl:.2f}"
+              + (f"; vs its parent: {versus.describe()}" if versus else ""), flush=True)
+        print(f"   degenerate answers: {[t for t in held.texts if degenerate(t)][:8]}", flush=True)
+
+    def answer(pin, batch: list[str], tag: str, step: int) -> list[dict]:
+        model, _ = load_model(pin.path, device="cpu")
+        return rated_events(sample(model, tokenizer, batch, 2, args.max_new_tokens, seed=step, top_p=args.top_p),
+                            pin.model_version, tag, step)
+
     try:
-        for generation in range(args.generations + 1):
-            serving = serving_reference(settings, store_of(settings))
-            model, _ = load_model(serving.path, device="cpu")
-            held = sample(model, tokenizer, heldout, 2, args.max_new_tokens, seed=10_000 + generation)
-            up, se, degenerate_share = rate(held)
-            kl = kl_to_base(model, base_model, held, tokenizer.pad_token_id) if generation else 0.0
-            row = {"generation": generation, "model_version": serving.model_version, "thumbs_up": up, "se": se,
-                   "degenerate": degenerate_share, "kl_to_g0": kl, "gate": "", "minutes": 0.0}
-            print(f"generation {generation} ({serving.model_version}): held-out thumbs-up {up:.3f} ± {se:.3f}, "
-                  f"degenerate {degenerate_share:.3f}, KL to g0 {kl:.2f}", flush=True)
-            print(f"   degenerate answers: {[t for t in held.texts if degenerate(t)][:8]}", flush=True)
-            if generation == args.generations:
-                rows.append(row)
+        for step in range(args.generations + 1):
+            serving = serving_reference(settings, store)
+            if not served or served[-1]["model_version"] != serving.model_version:
+                measure(serving)
+            pending = registry.canary(store)
+            if step == args.generations and pending is None:
                 break
-            batch = pool[generation * args.prompts: (generation + 1) * args.prompts]
-            answers = sample(model, tokenizer, batch, 2, args.max_new_tokens, seed=generation)
-            when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=generation)
-            events = [{"event_id": f"sim-g{generation}-{k}", "prompt": p, "response": t or "(empty)",
-                       "label": "up" if liked(t, f) else "down", "model_version": serving.model_version,
-                       "event_time": (when + dt.timedelta(seconds=k)).isoformat(),
-                       "prompt_id": "sim-" + hashlib.sha256(p.encode()).hexdigest()[:12], "source": "simulation"}
-                      for k, (p, t, f) in enumerate(zip(answers.prompts, answers.texts, answers.finished))]
+            batch = pool[step * args.prompts: (step + 1) * args.prompts]
+            events = answer(serving, batch, f"s{step}", step)
+            if pending is not None:  # the canary answers the same prompts: its share of the traffic
+                events += answer(export_reference(settings, pending), batch, f"c{step}", 1_000 + step)
             publish(settings.kafka, [encode_event(e) for e in events])
             t0 = time.monotonic()
-            outcome = retrain_flow(reason=f"simulation generation {generation + 1}")
-            row.update(gate=f"{outcome['status']}: {outcome['reason']}", minutes=(time.monotonic() - t0) / 60)
-            rows.append(row)
-            print(f"   retrain -> {outcome['status']} in {row['minutes']:.1f} min: {outcome['reason']}", flush=True)
-            del model
+            if step < args.generations:
+                outcome = retrain_flow(reason=f"simulation retrain {step + 1}")
+                canary, line = outcome.get("canary"), f"{outcome['status']}: {outcome['reason']}"
+            else:  # no retrain after the last: only the last canary's live verdict
+                drain(settings)
+                verdict = check_canary(settings)
+                canary, line = dataclasses.asdict(verdict), "(last batch: the canary's verdict only)"
+            decisions.append({"step": step, "serving": serving.model_version, "minutes": (time.monotonic() - t0) / 60,
+                              "canary": f"{canary['status']}: {canary['reason']}" if canary else "", "retrain": line})
+            print(f"   step {step}: canary -> {decisions[-1]['canary'] or '(none)'}\n   retrain -> {line} "
+                  f"({decisions[-1]['minutes']:.1f} min)", flush=True)
+        serving = serving_reference(settings, store)
+        if served[-1]["model_version"] != serving.model_version:
+            measure(serving)
     finally:
         broker.stop()
-    print("\n| generation | serving model_version | held-out thumbs-up (± SE) | degenerate | KL to g0 (nats) |"
-          " next retrain |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['generation']} | `{r['model_version']}` | {r['thumbs_up']:.3f} ± {r['se']:.3f} | "
-              f"{r['degenerate']:.3f} | {r['kl_to_g0']:.2f} | {r['gate'][:160]} |")
+    print("\n| generation | held-out thumbs-up (± SE) | vs parent: gain ± SE, 95% lower bound | degenerate | "
+          "KL to g0 (nats) |\n|---|---|---|---|---|")
+    for r in served:
+        p, v = r["ups"] / r["n"], r["versus"]
+        print(f"| {r['generation']} | {p:.3f} ± {math.sqrt(p * (1 - p) / r['n']):.3f} | "
+              + (f"{v.gain:+.3f} ± {v.stderr:.3f}, {v.lower_bound:+.3f}" if v else "") +
+              f" | {r['degenerate']:.3f} | {r['kl_to_g0']:.2f} |")
+    print("\n| batch | serving | canary's live verdict | retrain |\n|---|---|---|---|")
+    for d in decisions:
+        print(f"| {d['step']} | `{d['serving']}` | {d['canary'][:220]} | {d['retrain'][:220]} |")
     print(f"\n{len(heldout) * 2} held-out samples per generation; total {(time.monotonic() - started) / 60:.1f} min")
 
 

@@ -108,6 +108,9 @@ def add_loop_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument("model_id", help="a model id from `ktoloop models list`")
     export.add_argument("dir", help="output directory (LoRA merged into its reference; tokenizer, chat template)")
     export.set_defaults(func=_models_export)
+    canary = models_sub.add_parser("canary", help="decide the pending canary on its live feedback now (the retrain "
+                                                  "flow does this first)")
+    canary.set_defaults(func=_models_canary)
     rollback = models_sub.add_parser("rollback", help="serve the previously promoted model again")
     rollback.add_argument("--reason", default="manual rollback", help="why (recorded with the rollback)")
     rollback.set_defaults(func=_models_rollback)
@@ -140,6 +143,11 @@ def _models_list(args: argparse.Namespace, settings: Settings) -> int:
         serving = serving_reference(settings, store)
         print(f"production stamps model_version = {serving.model_version!r} (generation {serving.generation}) "
               f"on the served model's feedback")
+    canary = registry.canary(store) if store is not None else None
+    if canary is not None:
+        info = canary.evaluation["canary"]
+        print(f"canary: {canary.model_id} since {info['since']}; production stamps model_version = "
+              f"{info['model_version']!r} on the feedback of the share of traffic it serves")
     return 0
 
 
@@ -184,11 +192,26 @@ def _models_promote(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     gate = evaluate_candidate(settings, args.model_id)  # against the model serving now, like the retrain flow
     print(gate.summary)
-    if not promote_if_passing(settings, args.model_id, gate, actor=getpass.getuser()):
+    status = promote_if_passing(settings, args.model_id, gate, actor=getpass.getuser())
+    if status == "rejected":
         raise KtoLoopError(f"{args.model_id} did not pass the promotion gate; use --force with --reason to override")
     from flows.lineage import serving_reference
 
+    if status == "canary":
+        version = registry.get(store, args.model_id).evaluation["canary"]["model_version"]
+        print(f"{args.model_id} is a canary: route a share of traffic to it and stamp model_version {version!r} on "
+              f"that share's feedback; `ktoloop models canary` (or the next retrain) decides it")
+        return 0
     print(f"serving {args.model_id} as model version {serving_reference(settings, store).model_version}")
+    return 0
+
+
+def _models_canary(args: argparse.Namespace, settings: Settings) -> int:
+    from flows.loop import check_canary, drain
+
+    drain(settings)  # like the retrain flow: decide on everything rated so far
+    verdict = check_canary(settings)
+    print(verdict.reason if verdict else "no canary pending")
     return 0
 
 

@@ -48,6 +48,11 @@ class LoopConfig:
     """The lower confidence bound of the held-out per-example gain over the serving model must exceed this."""
     confidence: float = 0.95
     """Confidence of that one-sided bound (``flows.gate.paired_test``)."""
+    canary_events: int = 0
+    """0: a candidate that passes the gate serves at once. N > 0: it first serves a share of traffic as a canary
+    (exported and pinned under its own model_version, which production stamps on that share's feedback), and
+    replaces the serving model only when, over at least N rated answers of each since the canary started, its
+    thumbs-up rate is significantly higher (``flows.gate.proportion_test`` at ``confidence``)."""
     drain_before_retrain: bool = True
     drain_interval_s: int = 300
     monitor_interval_s: int = 3600
@@ -64,6 +69,9 @@ class LoopConfig:
             raise ConfigError(f"flows.suite must be quick or full, got {self.suite!r}")
         if not 0.5 <= self.confidence < 1:
             raise ConfigError(f"flows.confidence must be in [0.5, 1), got {self.confidence}")
+        if self.canary_events < 0 or 0 < self.canary_events < 30:
+            raise ConfigError(f"flows.canary_events must be 0 (no canary) or >= 30 (the z test's normal "
+                              f"approximation), got {self.canary_events}")
         if min(self.drain_interval_s, self.monitor_interval_s) < 1:
             raise ConfigError("flows.*_interval_s must be >= 1")
         if self.drift_cooldown_s < 0:

@@ -3,6 +3,11 @@
 A candidate is promoted only when, scored against the serving model on the same held-out examples, the
 one-sided lower confidence bound of its mean per-example gain exceeds ``flows.min_preference_gain``, and no
 capability benchmark regresses (``monitoring.regression``). A gain at the noise floor is not a gain.
+
+That held-out test scores the candidate on the serving model's logged answers. What users get is the
+candidate's own answers: with ``[flows] canary_events``, a candidate that passes it first serves a share of
+traffic as a canary and replaces the serving model only when its live thumbs-up rate is significantly higher
+(``proportion_test``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,44 @@ def paired_test(candidate: Sequence[float], incumbent: Sequence[float], *, form:
 
 
 @dataclass(frozen=True)
+class LiveTest:
+    """One-sided test of the difference of two live thumbs-up rates (canary minus serving), over the rated
+    answers of each since the canary started."""
+
+    n_candidate: int
+    n_incumbent: int
+    candidate: float
+    incumbent: float
+    gain: float
+    stderr: float
+    lower_bound: float
+    min_gain: float
+    confidence: float
+    passed: bool
+
+    def describe(self) -> str:
+        verdict = "significantly better" if self.passed else "not significantly better"
+        return (f"live thumbs-up rate, two-proportion z test: canary {self.candidate:.3f} (n={self.n_candidate}) vs "
+                f"serving {self.incumbent:.3f} (n={self.n_incumbent}), gain {self.gain:+.3f} ± {self.stderr:.3f} SE, "
+                f"{self.confidence:.0%} lower bound {self.lower_bound:+.3f} {'>' if self.passed else '<='} "
+                f"{self.min_gain:+.3f}: {verdict}")
+
+
+def proportion_test(candidate_up: int, candidate_n: int, incumbent_up: int, incumbent_n: int, *,
+                    min_gain: float = 0.0, confidence: float = 0.95) -> LiveTest:
+    """Unpooled (Wald) standard error of p_c - p_i: the two arms are rated by different users on different
+    prompts, so the test is unpaired; a rate of 0 or 1 in both arms gives SE 0 and passes only on a real gain."""
+    if min(candidate_n, incumbent_n) < 1:
+        raise KtoLoopError(f"a live test needs rated answers of both models (canary {candidate_n}, serving "
+                           f"{incumbent_n})")
+    p_c, p_i = candidate_up / candidate_n, incumbent_up / incumbent_n
+    stderr = math.sqrt(p_c * (1 - p_c) / candidate_n + p_i * (1 - p_i) / incumbent_n)
+    bound = (p_c - p_i) - float(stats.norm.ppf(confidence)) * stderr
+    return LiveTest(candidate_n, incumbent_n, p_c, p_i, p_c - p_i, stderr, bound, min_gain, confidence,
+                    passed=bound > min_gain)
+
+
+@dataclass(frozen=True)
 class Gate:
     passed: bool
     summary: str
@@ -69,6 +112,10 @@ class Gate:
     preference: dict[str, Any]
     incumbent_id: str | None = None
     """The model serving when the verdict was reached (None: the bare reference); a verdict is about it only."""
+    canary: dict[str, Any] | None = None
+    """While a canary: its model_version and when it started (``flows.loop.start_canary``)."""
+    live: dict[str, Any] | None = None
+    """The canary's live verdict (``LiveTest``), which then decides ``passed``."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

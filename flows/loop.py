@@ -18,7 +18,7 @@ from typing import Any
 from flows import lineage, registry
 from flows.config import LoopConfig  # the [flows] section lives there: loading it needs no Prefect
 from flows.dataset import BuildResult, DatasetConfig, build_dataset, record_decision
-from flows.gate import Gate, paired_test, verdict
+from flows.gate import Gate, paired_test, proportion_test, verdict
 from ktoloop.config import Settings, load_section
 from ktoloop.decision import Decision, decide_snapshot
 from ktoloop.errors import KtoLoopError
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RetrainOutcome:
     status: str
-    """promoted | rejected | skipped (not enough data or no eligible method)"""
+    """promoted | canary (passed the gate, serves a share of traffic first) | rejected | canary-pending (a
+    canary awaits its live verdict: nothing new is trained) | skipped (not enough data or no eligible method)"""
     reason: str
     trigger: str
     snapshot_id: str | None = None
@@ -41,6 +42,8 @@ class RetrainOutcome:
     decision: dict[str, Any] = field(default_factory=dict)
     already_decided: bool = False
     """The snapshot, method and config had a standing verdict: nothing was trained or judged again."""
+    canary: dict[str, Any] | None = None
+    """The live verdict on the pending canary (``CanaryVerdict``), reached first in this run."""
 
 
 def store_of(settings: Settings) -> Store:
@@ -300,18 +303,96 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
     return gate
 
 
-def promote_if_passing(settings: Settings, model_id: str, gate: Gate, *, actor: str = "retrain-flow") -> bool:
-    """Serve ``model_id`` if ``gate`` (from ``evaluate_candidate``, so about the model serving now) passed; else
-    record the rejection. A model already serving stays, whatever a re-run says."""
+def promote_if_passing(settings: Settings, model_id: str, gate: Gate, *, actor: str = "retrain-flow") -> str:
+    """Act on ``gate`` (from ``evaluate_candidate``, so about the model serving now): passed, the model serves,
+    or with ``[flows] canary_events`` starts as a canary; failed, the rejection is recorded. Returns promoted |
+    canary | rejected. A model already serving stays, whatever a re-run says."""
     store = store_of(settings)
     current = registry.promoted(store)
     if current is not None and current.model_id == model_id:
-        return True  # a re-run of the same retrain: already serving
-    if gate.passed:
-        promote(settings, model_id, gate=gate.to_dict(), actor=actor, reason="passed the gate")
-        return True
-    registry.set_evaluation(store, model_id, gate.to_dict(), "rejected")
-    return False
+        return "promoted"  # a re-run of the same retrain: already serving
+    if not gate.passed:
+        registry.set_evaluation(store, model_id, gate.to_dict(), "rejected")
+        return "rejected"
+    if load_section(settings, "flows", LoopConfig).canary_events:
+        start_canary(settings, model_id, gate)
+        return "canary"
+    promote(settings, model_id, gate=gate.to_dict(), actor=actor, reason="passed the gate")
+    return "promoted"
+
+
+def start_canary(settings: Settings, model_id: str, gate: Gate):
+    """Export and pin a candidate that passed the gate under its own model version, to serve a share of
+    traffic beside the serving model; ``check_canary`` decides it on their live feedback. Returns the pin."""
+    store = store_of(settings)
+    pending = registry.canary(store)
+    if pending is not None and pending.model_id == model_id:
+        return lineage.export_reference(settings, pending)  # already running: its window stands
+    if pending is not None:
+        raise KtoLoopError(f"{pending.model_id} is already a canary; one canary at a time (its verdict comes with "
+                           f"the next retrain, or `ktoloop models canary`)")
+    candidate = registry.check_promotion(store, model_id, gate=gate.to_dict())
+    pin = lineage.pin_export(settings, candidate)
+    since = dt.datetime.now(dt.timezone.utc).isoformat()
+    started = dataclasses.replace(gate, canary={"model_version": pin.model_version, "since": since})
+    registry.set_evaluation(store, model_id, started.to_dict(), "canary")
+    log.info("%s is a canary: production stamps model version %s on the share of traffic it serves",
+             model_id, pin.model_version)
+    return pin
+
+
+@dataclass(frozen=True)
+class CanaryVerdict:
+    model_id: str
+    status: str
+    """promoted | rejected | pending (too few rated answers yet)"""
+    reason: str
+    live: dict[str, Any] | None = None
+    """The ``flows.gate.LiveTest`` as a dict, once both arms had enough rated answers."""
+
+
+def live_counts(store: Store, model_version: str, since: dt.datetime) -> tuple[int, int]:
+    """(thumbs-up, rated answers) of ``model_version``'s feedback landed since ``since``."""
+    frame = store.read("SELECT count(*) FILTER (WHERE label) AS up, count(*) AS n FROM feedback "
+                       "WHERE model_version = ? AND ingested_at >= ?", [model_version, since])
+    up, n = frame.row(0)
+    return int(up or 0), int(n)
+
+
+def check_canary(settings: Settings, *, actor: str = "canary") -> CanaryVerdict | None:
+    """Decide the pending canary (None: there is none) on the feedback landed since it started: promote it when
+    its thumbs-up rate is significantly higher than the serving model's, else reject it; pending while either
+    has fewer than ``[flows] canary_events`` rated answers. A canary whose serving model was rolled back or
+    replaced meanwhile is rejected: its comparison no longer holds."""
+    store, loop = store_of(settings), load_section(settings, "flows", LoopConfig)
+    candidate = registry.canary(store)
+    if candidate is None:
+        return None
+    offline, info = candidate.evaluation, candidate.evaluation["canary"]
+    incumbent = registry.incumbent_for(store, candidate)
+    if offline.get("incumbent_id") != (incumbent.model_id if incumbent else None):
+        reason = (f"canary rejected: it was judged against {offline.get('incumbent_id') or 'the reference'}, "
+                  f"which no longer serves")
+        registry.set_evaluation(store, candidate.model_id, {**offline, "passed": False, "summary": reason}, "rejected")
+        return CanaryVerdict(candidate.model_id, "rejected", reason)
+    serving = lineage.serving_reference(settings, store).model_version
+    since = dt.datetime.fromisoformat(info["since"])
+    (c_up, c_n), (i_up, i_n) = live_counts(store, info["model_version"], since), live_counts(store, serving, since)
+    needed = max(loop.canary_events, 1)
+    if min(c_n, i_n) < needed:
+        return CanaryVerdict(candidate.model_id, "pending",
+                             f"canary {candidate.model_id} pending: {c_n} rated answers of {info['model_version']} and "
+                             f"{i_n} of {serving} since {info['since']}; {needed} of each decide it")
+    test = proportion_test(c_up, c_n, i_up, i_n, min_gain=loop.min_preference_gain, confidence=loop.confidence)
+    head = "PROMOTE" if test.passed else "REJECT"
+    summary = f"{head} | live vs {serving}: {test.describe()} | offline: {offline['summary']}"
+    gate = {**offline, "passed": test.passed, "summary": summary, "live": dataclasses.asdict(test)}
+    if test.passed:
+        promote(settings, candidate.model_id, gate=gate, actor=actor, reason="canary: significantly more thumbs up")
+    else:
+        registry.set_evaluation(store, candidate.model_id, gate, "rejected")
+    return CanaryVerdict(candidate.model_id, "promoted" if test.passed else "rejected", summary,
+                         dataclasses.asdict(test))
 
 
 def promote(settings: Settings, model_id: str, *, gate: dict[str, Any] | None, forced: bool = False,

@@ -81,8 +81,13 @@ def evaluate_task(model_id: str):
 
 
 @task(name="promote", **RETRY)
-def promote_task(model_id: str, gate) -> bool:
+def promote_task(model_id: str, gate) -> str:
     return loop.promote_if_passing(load_settings(), model_id, gate)
+
+
+@task(name="canary", **RETRY)
+def canary_task():
+    return loop.check_canary(load_settings())
 
 
 @task(name="drift-report", **RETRY)
@@ -117,7 +122,7 @@ def evaluate_flow(model_id: str) -> dict[str, Any]:
 
 
 @flow(name="promote", log_prints=True)
-def promote_flow(model_id: str) -> bool:
+def promote_flow(model_id: str) -> str:
     return promote_task(model_id, evaluate_task(model_id))
 
 
@@ -149,17 +154,25 @@ def monitor_flow() -> dict[str, Any]:
 
 @flow(name="retrain", log_prints=True)
 def retrain_flow(reason: str = "manual", method: str | None = None) -> dict[str, Any]:
-    """drain -> build -> decide -> train -> evaluate -> promote. Not enough data ends Completed, with the reason."""
+    """drain -> [decide the canary] -> build -> decide -> train -> evaluate -> promote (or start a canary). Not
+    enough data, or a canary still awaiting its live verdict, ends Completed, with the reason."""
     settings = load_settings()
     if load_section(settings, "flows", loop.LoopConfig).drain_before_retrain:
         drain_task()
+    live = canary_task()
+    if live is not None:
+        print(f"canary {live.model_id}: {live.status}; {live.reason}")
+        if live.status == "pending":  # one experiment at a time: train the next model from whichever wins
+            return _published(loop.RetrainOutcome("canary-pending", live.reason, reason, model_id=live.model_id,
+                                                  canary=dataclasses.asdict(live)))
+    canary = dataclasses.asdict(live) if live is not None else None
     built = build_task(method)
     decision = built.decision
     snapshot_id = built.snapshot.manifest.snapshot_id
     print(f"retrain ({reason}): snapshot {snapshot_id}; decision: {'; '.join(decision.reasons + decision.warnings)}")
     if not decision.train:
         outcome = loop.RetrainOutcome("skipped", "; ".join(decision.reasons), reason, snapshot_id,
-                                      decision=decision.to_dict())
+                                      decision=decision.to_dict(), canary=canary)
         return _published(outcome)
     prior = loop.decided_candidate(settings, snapshot_id, decision.method)
     if prior is not None:  # same data, method and config, and the verdict still stands: say so, redo nothing
@@ -169,14 +182,15 @@ def retrain_flow(reason: str = "manual", method: str | None = None) -> dict[str,
                 f"{'serves' if serving else 'rejected'}; {prior.evaluation['summary']}")
         print(line)
         outcome = loop.RetrainOutcome("promoted" if serving else "rejected", line, reason, snapshot_id,
-                                      prior.model_id, prior.evaluation, decision.to_dict(), already_decided=True)
+                                      prior.model_id, prior.evaluation, decision.to_dict(), already_decided=True,
+                                      canary=canary)
         return _published(outcome, prior)
     candidate = train_task(snapshot_id, decision.method)
     gate = evaluate_task(candidate.model_id)
-    promoted = promote_task(candidate.model_id, gate)
-    print(f"{candidate.model_id}: {'PROMOTED' if promoted else 'rejected'}; {gate.summary}")
-    outcome = loop.RetrainOutcome("promoted" if promoted else "rejected", gate.summary, reason, snapshot_id,
-                                  candidate.model_id, gate.to_dict(), decision.to_dict())
+    status = promote_task(candidate.model_id, gate)
+    print(f"{candidate.model_id}: {status.upper()}; {gate.summary}")
+    outcome = loop.RetrainOutcome(status, gate.summary, reason, snapshot_id, candidate.model_id, gate.to_dict(),
+                                  decision.to_dict(), canary=canary)
     return _published(outcome, candidate)
 
 

@@ -91,6 +91,12 @@ def promoted(store: Store) -> Candidate | None:
     return get(store, stack[-1]) if stack and stack[-1] is not None else None
 
 
+def canary(store: Store) -> Candidate | None:
+    """The candidate serving a share of traffic as a canary (``[flows] canary_events``), if any."""
+    frame = store.read("SELECT * FROM models WHERE status = 'canary' ORDER BY created_at DESC LIMIT 1")
+    return _row_to_candidate(frame.row(0, named=True)) if frame.height else None
+
+
 def incumbent_for(store: Store, candidate: Candidate) -> Candidate | None:
     """What ``candidate`` must beat: the promoted model when it was trained on the same model version's feedback,
     else None (the reference, which is then the serving model itself: a model of another version is not

@@ -27,6 +27,12 @@ def retrain_markdown(outcome: dict[str, Any], lineage: dict[str, Any] | None = N
              f"**Snapshot** `{outcome.get('snapshot_id')}`; **decision**: "
              + (f"train with {str(d.get('method')).upper()}" if d.get("train") else "no training")]
     lines += [f"- {r}" for r in d.get("reasons", [])] + [f"- warning: {w}" for w in d.get("warnings", [])]
+    if outcome.get("canary"):
+        lines += ["", f"### The pending canary, decided first: {outcome['canary']['status'].upper()}", "",
+                  f"`{outcome['canary']['reason']}`"]
+    if gate and gate.get("canary") and outcome["status"] == "canary":
+        lines += ["", f"Passed the gate: starts as a canary; production stamps `{gate['canary']['model_version']}` "
+                      "on the feedback of the share of traffic it serves."]
     if gate:
         p = gate["preference"]
         lines += ["", f"### Preference vs {gate.get('incumbent_id') or 'the reference'} (paired one-sided t test)", ""]

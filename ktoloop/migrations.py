@@ -92,7 +92,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
     """),
     (4, "model registry", """
-        -- every candidate with its lineage; status: candidate | promoted | rejected | retired
+        -- every candidate with its lineage; status: candidate | evaluated | canary | promoted | rejected | retired
         CREATE TABLE models (
             model_id          VARCHAR PRIMARY KEY,
             method            VARCHAR NOT NULL,

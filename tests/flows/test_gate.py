@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from flows.gate import paired_test, verdict
+from flows.gate import paired_test, proportion_test, verdict
 from monitoring.regression import RegressionResult
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "training"))
@@ -59,6 +59,34 @@ def test_ties_everywhere_never_pass_and_a_guard_stop_or_regression_rejects():
 def test_scores_must_cover_the_same_examples():
     with pytest.raises(Exception, match="same snapshot split"):
         paired_test([1.0, 0.0], [0.5], form="pairs")
+
+
+def test_the_live_bound_is_the_one_sided_wald_bound_of_the_rate_difference():
+    test = proportion_test(90, 300, 60, 300, confidence=0.95)
+    se = math.sqrt(0.3 * 0.7 / 300 + 0.2 * 0.8 / 300)
+    assert test.gain == pytest.approx(0.1) and test.stderr == pytest.approx(se)
+    assert test.lower_bound == pytest.approx(0.1 - stats.norm.ppf(0.95) * se) and test.passed
+    assert "canary 0.300 (n=300) vs serving 0.200 (n=300)" in test.describe()
+
+
+def test_a_live_gain_within_noise_or_below_the_minimum_is_not_enough():
+    assert not proportion_test(64, 300, 60, 300).passed  # +1.3 points on 300 ratings each: noise
+    assert proportion_test(90, 300, 60, 300).passed
+    assert not proportion_test(90, 300, 60, 300, min_gain=0.05).passed  # bound +0.042 <= the required +0.05
+    assert not proportion_test(0, 100, 0, 100).passed and not proportion_test(100, 100, 100, 100).passed
+    assert proportion_test(100, 100, 0, 100).passed  # SE 0, but a real gain
+    with pytest.raises(Exception, match="rated answers of both"):
+        proportion_test(3, 10, 0, 0)
+
+
+def test_canary_events_is_off_or_enough_for_the_normal_approximation():
+    from flows.config import LoopConfig
+    from ktoloop.config import ConfigError
+
+    assert LoopConfig().canary_events == 0 and LoopConfig(canary_events=200).canary_events == 200
+    for bad in (-1, 10):
+        with pytest.raises(ConfigError, match="flows.canary_events"):
+            LoopConfig(canary_events=bad)
 
 
 WORDS = ("river stone bread quiet music paper silver window garden winter orange market letter candle forest "

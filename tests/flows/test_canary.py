@@ -1,0 +1,100 @@
+"""The canary: a candidate that passes the gate serves a share of traffic first, and replaces the serving model
+only when its live thumbs-up rate is significantly higher. Real broker, DuckDB and Prefect flows, tiny models."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from flow_helpers import tiny_loop_sections
+from test_generations import BASE, feedback
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def live(version: str, prefix: str, ups: int, n: int) -> list[dict]:
+    """``n`` rated answers of ``version``, ``ups`` of them liked: what its share of traffic brought back."""
+    return [{"event_id": f"{prefix}-{i}", "prompt": f"Live question {prefix} {i}?", "response": f"An answer {i}.",
+             "label": "up" if i < ups else "down", "model_version": version, "event_time": 1_800_000_000 + i,
+             "prompt_id": f"{prefix}-p{i}", "source": "test"} for i in range(n)]
+
+
+def test_a_canary_serves_only_when_its_live_rate_is_significantly_higher(harness, broker, tiny_model_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    from flows import registry
+    from flows.lineage import export_reference, served_version, serving_reference
+    from flows.prefect_flows import retrain_flow
+    from ingest.publish import publish
+    from ingest.schema import encode_event
+    from ktoloop.cli import main
+    from ktoloop.config import load_settings
+    from ktoloop.store import Store
+    from training.reference import pin_reference
+
+    name = uuid.uuid4().hex[:8]
+    config = tmp_path / "ktoloop.toml"
+    config.write_text(f"""
+home = "{tmp_path / 'home'}"
+[kafka]
+bootstrap_servers = "{broker.address}"
+topic = "fb-{name}"
+group_id = "g-{name}"
+partitions = 1
+[dataset]
+holdout_fraction = 0.2
+[dataset.gates]
+min_examples = 100
+""" + tiny_loop_sections(after="[flows]\ncanary_events = 40\n"))
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(config))
+    monkeypatch.delenv("KTOLOOP_HOME", raising=False)
+    settings = load_settings(config)
+    store = Store(settings.db_path)
+    send = lambda events: publish(settings.kafka, [encode_event(e) for e in events])  # noqa: E731
+    pin_reference(tiny_model_dir, BASE, settings.home_dir)
+
+    # passing the gate makes a canary: pinned under its own version, while the base model still serves
+    send(feedback(BASE, "g0"))
+    first = retrain_flow(reason="generation 1")
+    assert first["status"] == "canary", first["reason"]
+    c1 = registry.get(store, first["model_id"])
+    assert c1.status == "canary" and registry.promoted(store) is None
+    version = export_reference(settings, c1).model_version
+    assert version == served_version(BASE, 1, c1.model_id) == c1.evaluation["canary"]["model_version"]
+    assert serving_reference(settings, store).model_version == BASE
+    capsys.readouterr()
+    assert main(["--config", str(config), "models", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert f"canary: {c1.model_id} since" in listed and f"model_version = {version!r} on the feedback" in listed
+
+    # too few live ratings: the retrain waits for the verdict and trains nothing new
+    send(live(version, "c1-early", 10, 20) + live(BASE, "base-early", 5, 20))
+    waiting = retrain_flow(reason="too early")
+    assert waiting["status"] == "canary-pending" and waiting["model_id"] == c1.model_id
+    assert "20 rated answers" in waiting["reason"] and registry.list_models(store).height == 1
+
+    # 22 of 60 liked against 25 of 60: not higher, so rejected; the base model serves on, and the same retrain
+    # trains the next candidate from its feedback, which has grown
+    send(live(version, "c1", 12, 40) + live(BASE, "base", 20, 40))
+    decided = retrain_flow(reason="generation 1 live")
+    assert decided["canary"]["status"] == "rejected", decided["canary"]["reason"]
+    assert decided["canary"]["live"]["n_candidate"] == 60 and decided["canary"]["live"]["candidate"] == 22 / 60
+    assert registry.get(store, c1.model_id).status == "rejected" and registry.promoted(store) is None
+    assert decided["status"] == "canary" and decided["model_id"] != c1.model_id, decided["reason"]
+    c2 = registry.get(store, decided["model_id"])
+    assert c2.model_version == BASE
+    c2_version = c2.evaluation["canary"]["model_version"]
+
+    # 50 of 60 liked against 20 of 60: significantly higher, so it serves (`ktoloop models canary` decides now)
+    send(live(c2_version, "c2", 50, 60) + live(BASE, "base-2", 20, 60))
+    capsys.readouterr()
+    assert main(["--config", str(config), "models", "canary"]) == 0
+    assert "PROMOTE | live vs tiny-v1" in capsys.readouterr().out
+    assert registry.promoted(store).model_id == c2.model_id
+    assert registry.history(store)["actor"].to_list()[-1] == "canary"
+    assert serving_reference(settings, store).model_version == c2_version
+    assert main(["--config", str(config), "models", "canary"]) == 0
+    assert "no canary pending" in capsys.readouterr().out
+    # the next retrain is built from the new serving version's feedback: its 60 live ratings, too few to train
+    after = retrain_flow(reason="generation 2")
+    assert after["canary"] is None and after["status"] == "skipped"
