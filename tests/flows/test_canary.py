@@ -3,6 +3,8 @@ only when its live thumbs-up rate is significantly higher. Real broker, DuckDB a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import uuid
 
 import pytest
@@ -10,7 +12,15 @@ import pytest
 from flow_helpers import tiny_loop_sections
 from test_generations import BASE, feedback
 
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+def cli(config, *args: str) -> str:
+    """``ktoloop --config CONFIG ARGS`` in this process; its stdout. (Not capsys: Prefect's console log handler
+    would keep the per-test stream it was created on, and later tests' flow runs would write to it closed.)"""
+    from ktoloop.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--config", str(config), *args]) == 0
+    return out.getvalue()
 
 
 def live(version: str, prefix: str, ups: int, n: int) -> list[dict]:
@@ -20,14 +30,15 @@ def live(version: str, prefix: str, ups: int, n: int) -> list[dict]:
              "prompt_id": f"{prefix}-p{i}", "source": "test"} for i in range(n)]
 
 
+@pytest.mark.broker
+@pytest.mark.slow
 def test_a_canary_serves_only_when_its_live_rate_is_significantly_higher(harness, broker, tiny_model_dir, tmp_path,
-                                                                         monkeypatch, capsys):
+                                                                         monkeypatch):
     from flows import registry
     from flows.lineage import export_reference, served_version, serving_reference
     from flows.prefect_flows import retrain_flow
     from ingest.publish import publish
     from ingest.schema import encode_event
-    from ktoloop.cli import main
     from ktoloop.config import load_settings
     from ktoloop.store import Store
     from training.reference import pin_reference
@@ -62,9 +73,7 @@ min_examples = 100
     version = export_reference(settings, c1).model_version
     assert version == served_version(BASE, 1, c1.model_id) == c1.evaluation["canary"]["model_version"]
     assert serving_reference(settings, store).model_version == BASE
-    capsys.readouterr()
-    assert main(["--config", str(config), "models", "list"]) == 0
-    listed = capsys.readouterr().out
+    listed = cli(config, "models", "list")
     assert f"canary: {c1.model_id} since" in listed and f"model_version = {version!r} on the feedback" in listed
 
     # too few live ratings: the retrain waits for the verdict and trains nothing new
@@ -87,14 +96,36 @@ min_examples = 100
 
     # 50 of 60 liked against 20 of 60: significantly higher, so it serves (`ktoloop models canary` decides now)
     send(live(c2_version, "c2", 50, 60) + live(BASE, "base-2", 20, 60))
-    capsys.readouterr()
-    assert main(["--config", str(config), "models", "canary"]) == 0
-    assert "PROMOTE | live vs tiny-v1" in capsys.readouterr().out
+    assert "PROMOTE | live vs tiny-v1" in cli(config, "models", "canary")
     assert registry.promoted(store).model_id == c2.model_id
     assert registry.history(store)["actor"].to_list()[-1] == "canary"
     assert serving_reference(settings, store).model_version == c2_version
-    assert main(["--config", str(config), "models", "canary"]) == 0
-    assert "no canary pending" in capsys.readouterr().out
+    assert "no canary pending" in cli(config, "models", "canary")
     # the next retrain is built from the new serving version's feedback: its 60 live ratings, too few to train
     after = retrain_flow(reason="generation 2")
     assert after["canary"] is None and after["status"] == "skipped"
+
+
+def test_a_canary_judged_against_a_model_that_no_longer_serves_is_rejected(tmp_path):
+    import datetime as dt
+
+    from flows import registry
+    from flows.loop import check_canary, store_of
+    from ktoloop.config import load_settings
+    from test_registry import candidate
+
+    config = tmp_path / "ktoloop.toml"
+    config.write_text(f'home = "{tmp_path / "home"}"\n[flows]\ncanary_events = 30\n')
+    settings = load_settings(config)
+    store = store_of(settings)
+    for model_id in ("a", "b"):
+        registry.register(store, candidate(model_id))
+    started = {"model_version": "v1+g1-0000beef", "since": dt.datetime.now(dt.timezone.utc).isoformat()}
+    registry.set_evaluation(store, "b", {"passed": True, "summary": "PROMOTE | offline", "incumbent_id": None,
+                                         "canary": started}, "canary")
+    assert registry.canary(store).model_id == "b"
+    registry.promote(store, "a", gate=None, forced=True, actor="alice", reason="hotfix")  # serving moved meanwhile
+    verdict = check_canary(settings)
+    assert verdict.status == "rejected" and "judged against the reference, which no longer serves" in verdict.reason
+    assert registry.get(store, "b").status == "rejected" and registry.canary(store) is None
+    assert registry.promoted(store).model_id == "a" and check_canary(settings) is None
