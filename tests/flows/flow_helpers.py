@@ -22,3 +22,27 @@ quick_sizes = {{ wikitext2 = 3, arc_easy = 20 }}
 max_length = 128
 batch_tokens = 2048
 {after}"""
+
+
+def generations_config(tmp_path, broker, monkeypatch, after: str = ""):
+    """A ktoloop.toml for a loop over generations on the test broker (its own topic and group), set as
+    ``$KTOLOOP_CONFIG``; ``after``: sections to append. Returns its path."""
+    import uuid
+
+    name = uuid.uuid4().hex[:8]
+    config = tmp_path / "ktoloop.toml"
+    config.write_text(f"""
+home = "{tmp_path / 'home'}"
+[kafka]
+bootstrap_servers = "{broker.address}"
+topic = "fb-{name}"
+group_id = "g-{name}"
+partitions = 1
+[dataset]
+holdout_fraction = 0.2
+[dataset.gates]
+min_examples = 100
+""" + tiny_loop_sections(after=after))
+    monkeypatch.setenv("KTOLOOP_CONFIG", str(config))
+    monkeypatch.delenv("KTOLOOP_HOME", raising=False)
+    return config

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import uuid
 
 import pytest
 
-from flow_helpers import tiny_loop_sections
+from flow_helpers import generations_config
 from test_generations import BASE, feedback
+
 
 def cli(config, *args: str) -> str:
     """``ktoloop --config CONFIG ARGS`` in this process; its stdout. (Not capsys: Prefect's console log handler
@@ -43,22 +43,7 @@ def test_a_canary_serves_only_when_its_live_rate_is_significantly_higher(harness
     from ktoloop.store import Store
     from training.reference import pin_reference
 
-    name = uuid.uuid4().hex[:8]
-    config = tmp_path / "ktoloop.toml"
-    config.write_text(f"""
-home = "{tmp_path / 'home'}"
-[kafka]
-bootstrap_servers = "{broker.address}"
-topic = "fb-{name}"
-group_id = "g-{name}"
-partitions = 1
-[dataset]
-holdout_fraction = 0.2
-[dataset.gates]
-min_examples = 100
-""" + tiny_loop_sections(after="[flows]\ncanary_events = 40\n"))
-    monkeypatch.setenv("KTOLOOP_CONFIG", str(config))
-    monkeypatch.delenv("KTOLOOP_HOME", raising=False)
+    config = generations_config(tmp_path, broker, monkeypatch, after="[flows]\ncanary_events = 40\n")
     settings = load_settings(config)
     store = Store(settings.db_path)
     send = lambda events: publish(settings.kafka, [encode_event(e) for e in events])  # noqa: E731

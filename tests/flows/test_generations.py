@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
-from flow_helpers import tiny_loop_sections
+from flow_helpers import generations_config
 from flows.lineage import served_version
 from ktoloop.store import Store
 
@@ -41,22 +39,7 @@ def test_two_generations_then_a_rollback(harness, broker, tiny_model_dir, tmp_pa
     from ktoloop.snapshot import load_snapshot
     from training.reference import pin_reference
 
-    name = uuid.uuid4().hex[:8]
-    config = tmp_path / "ktoloop.toml"
-    config.write_text(f"""
-home = "{tmp_path / 'home'}"
-[kafka]
-bootstrap_servers = "{broker.address}"
-topic = "fb-{name}"
-group_id = "g-{name}"
-partitions = 1
-[dataset]
-holdout_fraction = 0.2
-[dataset.gates]
-min_examples = 100
-""" + tiny_loop_sections())
-    monkeypatch.setenv("KTOLOOP_CONFIG", str(config))
-    monkeypatch.delenv("KTOLOOP_HOME", raising=False)
+    config = generations_config(tmp_path, broker, monkeypatch)
     settings = load_settings(config)
     store = Store(settings.db_path)
     base = pin_reference(tiny_model_dir, BASE, settings.home_dir)
