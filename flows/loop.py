@@ -387,10 +387,9 @@ def check_canary(settings: Settings, *, actor: str = "canary") -> CanaryVerdict 
     head = "PROMOTE" if test.passed else "REJECT"
     summary = f"{head} | live vs {serving}: {test.describe()} | offline: {offline['summary']}"
     gate = {**offline, "passed": test.passed, "summary": summary, "live": dataclasses.asdict(test)}
+    registry.set_evaluation(store, candidate.model_id, gate, "canary" if test.passed else "rejected")  # its gate line
     if test.passed:
         promote(settings, candidate.model_id, gate=gate, actor=actor, reason="canary: significantly more thumbs up")
-    else:
-        registry.set_evaluation(store, candidate.model_id, gate, "rejected")
     return CanaryVerdict(candidate.model_id, "promoted" if test.passed else "rejected", summary,
                          dataclasses.asdict(test))
 

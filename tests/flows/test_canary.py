@@ -83,6 +83,8 @@ def test_a_canary_serves_only_when_its_live_rate_is_significantly_higher(harness
     send(live(c2_version, "c2", 50, 60) + live(BASE, "base-2", 20, 60))
     assert "PROMOTE | live vs tiny-v1" in cli(config, "models", "canary")
     assert registry.promoted(store).model_id == c2.model_id
+    assert registry.get(store, c2.model_id).evaluation["summary"].startswith("PROMOTE | live vs tiny-v1")
+    assert "PROMOTE | live vs tiny-v1" in cli(config, "models", "show", c2.model_id)  # its lineage gate line
     assert registry.history(store)["actor"].to_list()[-1] == "canary"
     assert serving_reference(settings, store).model_version == c2_version
     assert "no canary pending" in cli(config, "models", "canary")
