@@ -25,6 +25,13 @@ from ktoloop.errors import KtoLoopError
 FORMS = {"pairs": "held-out pair accuracy", "thumbs": "held-out thumbs accuracy"}
 
 
+def _gain_and_verdict(test: PreferenceTest | LiveTest) -> str:
+    """The part of a gate line both tests share: the gain, its bound against the minimum, and the verdict."""
+    verdict = "significantly better" if test.passed else "not significantly better"
+    return (f"gain {test.gain:+.3f} ± {test.stderr:.3f} SE, {test.confidence:.0%} lower bound "
+            f"{test.lower_bound:+.3f} {'>' if test.passed else '<='} {test.min_gain:+.3f}: {verdict}")
+
+
 @dataclass(frozen=True)
 class PreferenceTest:
     """Paired one-sided t test of the per-example gain (candidate score minus incumbent score)."""
@@ -42,11 +49,8 @@ class PreferenceTest:
     passed: bool
 
     def describe(self) -> str:
-        verdict = "significantly better" if self.passed else "not significantly better"
         return (f"{FORMS.get(self.form, self.form)} (ties 1/2), paired t test, n={self.n}: candidate "
-                f"{self.candidate:.3f} vs {self.incumbent:.3f}, gain {self.gain:+.3f} ± {self.stderr:.3f} SE, "
-                f"{self.confidence:.0%} lower bound {self.lower_bound:+.3f} {'>' if self.passed else '<='} "
-                f"{self.min_gain:+.3f}: {verdict}")
+                f"{self.candidate:.3f} vs {self.incumbent:.3f}, " + _gain_and_verdict(self))
 
 
 def paired_test(candidate: Sequence[float], incumbent: Sequence[float], *, form: str, min_gain: float = 0.0,
@@ -83,11 +87,8 @@ class LiveTest:
     passed: bool
 
     def describe(self) -> str:
-        verdict = "significantly better" if self.passed else "not significantly better"
         return (f"live thumbs-up rate, two-proportion z test: canary {self.candidate:.3f} (n={self.n_candidate}) vs "
-                f"serving {self.incumbent:.3f} (n={self.n_incumbent}), gain {self.gain:+.3f} ± {self.stderr:.3f} SE, "
-                f"{self.confidence:.0%} lower bound {self.lower_bound:+.3f} {'>' if self.passed else '<='} "
-                f"{self.min_gain:+.3f}: {verdict}")
+                f"serving {self.incumbent:.3f} (n={self.n_incumbent}), " + _gain_and_verdict(self))
 
 
 def proportion_test(candidate_up: int, candidate_n: int, incumbent_up: int, incumbent_n: int, *,

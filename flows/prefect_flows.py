@@ -160,12 +160,12 @@ def retrain_flow(reason: str = "manual", method: str | None = None) -> dict[str,
     if load_section(settings, "flows", loop.LoopConfig).drain_before_retrain:
         drain_task()
     live = canary_task()
+    canary = dataclasses.asdict(live) if live is not None else None
     if live is not None:
         print(f"canary {live.model_id}: {live.status}; {live.reason}")
         if live.status == "pending":  # one experiment at a time: train the next model from whichever wins
             return _published(loop.RetrainOutcome("canary-pending", live.reason, reason, model_id=live.model_id,
-                                                  canary=dataclasses.asdict(live)))
-    canary = dataclasses.asdict(live) if live is not None else None
+                                                  canary=canary))
     built = build_task(method)
     decision = built.decision
     snapshot_id = built.snapshot.manifest.snapshot_id
