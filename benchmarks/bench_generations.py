@@ -167,7 +167,8 @@ canary_events = {canary_events}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--generations", type=int, default=3, help="retrains (each may promote a generation)")
+    parser.add_argument("--generations", type=int, default=3, help="retrains at most (each may promote a generation)")
+    parser.add_argument("--stop-at", type=int, default=3, help="stop once this generation serves")
     parser.add_argument("--prompts", type=int, default=360, help="training prompts per batch (2 answers each)")
     parser.add_argument("--heldout", type=int, default=160, help="held-out prompts (2 answers each) for the rates")
     parser.add_argument("--steps", type=int, default=40, help="KTO steps per retrain (batch 16)")
@@ -247,24 +248,24 @@ def main() -> None:
             if not served or served[-1]["model_version"] != serving.model_version:
                 measure(serving)
             pending = registry.canary(store)
-            if step == args.generations and pending is None:
+            if serving.generation >= args.stop_at or (step == args.generations and pending is None):
                 break
             batch = pool[step * args.prompts: (step + 1) * args.prompts]
             events = answer(serving, batch, f"s{step}", step)
             if pending is not None:  # the canary answers the same prompts: its share of the traffic
                 events += answer(export_reference(settings, pending), batch, f"c{step}", 1_000 + step)
             publish(settings.kafka, [encode_event(e) for e in events])
-            t0 = time.monotonic()
-            if step < args.generations:
-                outcome = retrain_flow(reason=f"simulation retrain {step + 1}")
-                canary, line = outcome.get("canary"), f"{outcome['status']}: {outcome['reason']}"
-            else:  # no retrain after the last: only the last canary's live verdict
+            t0, canary, line = time.monotonic(), "", "(none: the last batch decides the canary only)"
+            if pending is not None:  # decided first, as the retrain would: a promotion may reach --stop-at
                 drain(settings)
                 verdict = check_canary(settings)
-                canary, line = dataclasses.asdict(verdict), "(last batch: the canary's verdict only)"
+                canary = f"{verdict.status}: {verdict.reason}"
+            if step < args.generations and serving_reference(settings, store).generation < args.stop_at:
+                outcome = retrain_flow(reason=f"simulation retrain {step + 1}")
+                line = f"{outcome['status']}: {outcome['reason']}"
             decisions.append({"step": step, "serving": serving.model_version, "minutes": (time.monotonic() - t0) / 60,
-                              "canary": f"{canary['status']}: {canary['reason']}" if canary else "", "retrain": line})
-            print(f"   step {step}: canary -> {decisions[-1]['canary'] or '(none)'}\n   retrain -> {line} "
+                              "canary": canary, "retrain": line})
+            print(f"   step {step}: canary -> {canary or '(none)'}\n   retrain -> {line} "
                   f"({decisions[-1]['minutes']:.1f} min)", flush=True)
         serving = serving_reference(settings, store)
         if served[-1]["model_version"] != serving.model_version:
