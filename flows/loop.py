@@ -190,19 +190,15 @@ def decided_candidate(settings: Settings, snapshot_id: str, method: str) -> regi
     incumbent = registry.incumbent_for(store, candidate)
     if incumbent is not None and incumbent.model_id == candidate.model_id:
         return candidate
-    if candidate.status == "rejected" and _verdict_stands(candidate, incumbent):
+    if candidate.status == "rejected" and _verdict_stands(store, candidate):
         return candidate
     return None
 
 
-def _verdict_stands(candidate: registry.Candidate, incumbent: registry.Candidate | None) -> bool:
-    """A stored verdict is about the model serving when it was reached; it stands while that model serves
-    (or while the candidate itself serves)."""
+def _verdict_stands(store: Store, candidate: registry.Candidate) -> bool:
+    """A stored verdict is reused only while it is about the model serving now (or the candidate serves)."""
     stored = candidate.evaluation
-    if stored is None or "incumbent_id" not in stored:
-        return False
-    serving = incumbent is not None and incumbent.model_id == candidate.model_id
-    return serving or stored["incumbent_id"] == (incumbent.model_id if incumbent else None)
+    return stored is not None and "incumbent_id" in stored and not registry.verdict_is_stale(store, candidate, stored)
 
 
 def train_candidate(settings: Settings, snapshot_id: str, method: str, *, config=None, model_id: str | None = None,
@@ -278,7 +274,7 @@ def evaluate_candidate(settings: Settings, model_id: str) -> Gate:
     candidate = registry.get(store, model_id)
     incumbent = registry.incumbent_for(store, candidate)
     incumbent_id = incumbent.model_id if incumbent else None
-    if _verdict_stands(candidate, incumbent):
+    if _verdict_stands(store, candidate):
         return Gate(**candidate.evaluation)  # the verdict about the model serving now (or the one that promoted it)
     snapshot = load_snapshot(candidate.snapshot_id, settings.home_dir)
     reference = reference_for_snapshot(candidate.model_version, settings.home_dir, candidate.reference_name)
@@ -369,8 +365,7 @@ def check_canary(settings: Settings, *, actor: str = "canary") -> CanaryVerdict 
     if candidate is None:
         return None
     offline, info = candidate.evaluation, candidate.evaluation["canary"]
-    incumbent = registry.incumbent_for(store, candidate)
-    if offline.get("incumbent_id") != (incumbent.model_id if incumbent else None):
+    if registry.verdict_is_stale(store, candidate, offline):
         reason = (f"canary rejected: it was judged against {offline.get('incumbent_id') or 'the reference'}, "
                   f"which no longer serves")
         registry.set_evaluation(store, candidate.model_id, {**offline, "passed": False, "summary": reason}, "rejected")

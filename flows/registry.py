@@ -105,6 +105,17 @@ def incumbent_for(store: Store, candidate: Candidate) -> Candidate | None:
     return serving if serving is not None and serving.model_version == candidate.model_version else None
 
 
+def verdict_is_stale(store: Store, candidate: Candidate, gate: dict[str, Any]) -> bool:
+    """A verdict compares ``candidate`` with the model that served when it was reached (``incumbent_id``; None:
+    the reference); it is stale once another model serves in its place, unless the candidate itself serves. A
+    verdict that names no incumbent is not known to be stale."""
+    if "incumbent_id" not in gate:
+        return False
+    serving = incumbent_for(store, candidate)
+    serving_id = serving.model_id if serving else None
+    return gate["incumbent_id"] != serving_id and serving_id != candidate.model_id
+
+
 def history(store: Store) -> pl.DataFrame:
     return store.read("SELECT seq, model_id, action, forced, actor, reason, changed_at FROM promotions ORDER BY seq")
 
@@ -128,11 +139,11 @@ def check_promotion(store: Store, model_id: str, *, gate: dict[str, Any] | None,
                            " use --force with --reason to override")
     if forced and not reason:
         raise KtoLoopError("a forced promotion needs --reason (it is recorded with who forced it)")
-    serving = incumbent_for(store, candidate)
-    incumbent = serving.model_id if serving else None
-    if passed and not forced and gate.get("incumbent_id", incumbent) != incumbent:
+    if passed and not forced and verdict_is_stale(store, candidate, gate):
+        serving = incumbent_for(store, candidate)
         raise KtoLoopError(f"{model_id} passed the gate against {gate['incumbent_id'] or 'the reference'}, but "
-                           f"{incumbent or 'the reference'} serves now; evaluate it again (`ktoloop models promote`)")
+                           f"{serving.model_id if serving else 'the reference'} serves now; evaluate it again "
+                           f"(`ktoloop models promote`)")
     return candidate
 
 

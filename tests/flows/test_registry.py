@@ -57,3 +57,20 @@ def test_rollback_walks_back_the_promotion_history(store):
     assert registry.rollback(store) is None       # the reference again
     assert registry.promoted(store) is None
     assert [r["action"] for r in registry.history(store).iter_rows(named=True)] == ["promote"] * 3 + ["rollback"] * 3
+
+
+def test_a_verdict_is_stale_once_another_model_serves_in_its_incumbents_place(store):
+    against_reference, against_a = {**PASSED, "incumbent_id": None}, {**PASSED, "incumbent_id": "a"}
+    b = registry.get(store, "b")
+    assert not registry.verdict_is_stale(store, b, against_reference)  # the reference serves: it holds
+    registry.promote(store, "a", gate=against_reference)
+    assert registry.verdict_is_stale(store, b, against_reference)
+    assert not registry.verdict_is_stale(store, b, against_a)
+    assert not registry.verdict_is_stale(store, b, PASSED)  # names no incumbent: not known to be stale
+    with pytest.raises(KtoLoopError, match="passed the gate against the reference, but a serves now"):
+        registry.promote(store, "b", gate=against_reference)
+    registry.promote(store, "b", gate=against_a)
+    assert not registry.verdict_is_stale(store, b, against_reference)  # b itself serves: its verdict holds
+    registry.rollback(store)
+    registry.rollback(store)
+    assert not registry.verdict_is_stale(store, b, against_reference)  # the reference serves again
