@@ -234,7 +234,9 @@ def main() -> None:
                        "degenerate": degenerate_share, "kl_to_g0": kl, "versus": versus})
         print(f"generation {serving.generation} ({serving.model_version}): held-out thumbs-up {ups / n:.3f} "
               f"({ups}/{n}), degenerate {degenerate_share:.3f}, KL to g0 {kl:.2f}"
-              + (f"; vs its parent: {versus.describe()}" if versus else ""), flush=True)
+              + (f"; vs its parent (two-proportion z test): {versus.gain:+.3f} ± {versus.stderr:.3f}, 95% lower "
+                 f"bound {versus.lower_bound:+.3f}: {'' if versus.passed else 'not '}significantly better"
+                 if versus else ""), flush=True)
         print(f"   degenerate answers: {[t for t in held.texts if degenerate(t)][:8]}", flush=True)
 
     def answer(pin, batch: list[str], tag: str, step: int) -> list[dict]:
