@@ -1,7 +1,8 @@
 """Dataset build speed and memory on N realistic feedback events (default 10M) in a real DuckDB file.
 
 Events are generated inside DuckDB (a pool of prompts with ids, 2-4 answers per prompt visit, a few hundred
-bytes of text each, ~3% conflicting labels, 5% from another model version, some exact duplicates). The build
+bytes of text each, ~3% conflicting labels, 5% from another model version, some exact duplicates, 10% cut off
+at the serving token limit). The build
 then runs in a fresh child process, so its peak RSS is the build's alone.
 Usage: python benchmarks/bench_dataset.py [--events 10000000] [--keep DIR]
 """
@@ -40,7 +41,8 @@ SELECT 'ev-' || i AS event_id,
        CASE WHEN j % 20 = 0 THEN 'older-model' ELSE $version END AS model_version,
        TIMESTAMPTZ '2026-11-01' + to_seconds(i // 100) AS event_time,
        'p' || (j // 3) % $prompts AS prompt_id, NULL, 'u' || i % 100000, 'web', NULL,
-       'feedback', (i % 3)::INTEGER, i // 3, now()
+       'feedback', (i % 3)::INTEGER, i // 3, now(),
+       j % 10 = 0 AS truncated  -- one answer in ten cut off at the serving token limit
 FROM (SELECT i, CASE WHEN i % 33 = 0 OR i % 50 = 7 THEN i - 1 ELSE i END AS j FROM range($n) t(i))
 """
 

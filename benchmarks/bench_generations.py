@@ -5,7 +5,8 @@
 A simulation of production on SmolLM2-135M-Instruct. Each generation, the serving model answers real prompts
 (the first human turn of HH-RLHF harmless-base transcripts) by sampling with ``generate``; simulated users
 rate each answer (``liked``, below); the events go through the real local broker and consumer stamped with
-the serving model's ``model_version``; then the real retrain flow runs: drain, build, decide, train (KTO from
+the serving model's ``model_version`` and, as a serving stack reports it, whether ``max_new_tokens`` cut the
+answer off (``truncated``: trained without an end-of-turn token); then the real retrain flow runs: drain, build, decide, train (KTO from
 the serving model, which is also the frozen reference), gate, promote, export and pin. Held-out prompts never
 enter training; on them, each generation reports the users' thumbs-up rate of fresh samples (± SE), the rate
 of degenerate answers, the KL of the serving model to generation 0 (mean over its own samples of
@@ -125,12 +126,14 @@ def rate(samples: Samples) -> tuple[int, int, float]:
 
 
 def rated_events(samples: Samples, model_version: str, tag: str, day: int) -> list[dict]:
-    """The simulated users' ratings of ``samples`` as feedback events stamped with the answering model's version."""
+    """The simulated users' ratings of ``samples`` as feedback events stamped with the answering model's version,
+    each saying whether ``max_new_tokens`` cut the answer off, as a serving stack reports it."""
     when = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(days=day)
     return [{"event_id": f"sim-{tag}-{k}", "prompt": p, "response": t or "(empty)",
              "label": "up" if liked(t, f) else "down", "model_version": model_version,
              "event_time": (when + dt.timedelta(seconds=k)).isoformat(),
-             "prompt_id": "sim-" + hashlib.sha256(p.encode()).hexdigest()[:12], "source": "simulation"}
+             "prompt_id": "sim-" + hashlib.sha256(p.encode()).hexdigest()[:12], "source": "simulation",
+             "truncated": not f}
             for k, (p, t, f) in enumerate(zip(samples.prompts, samples.texts, samples.finished))]
 
 

@@ -67,7 +67,8 @@ SCOPE_SQL = """
 CREATE OR REPLACE TEMP TABLE scope_params
     (since TIMESTAMPTZ, until TIMESTAMPTZ, sources VARCHAR[], min_prompt INTEGER, min_response INTEGER);
 CREATE OR REPLACE TEMP VIEW scoped AS
-SELECT feedback.rowid AS rid, response, label, model_version, prompt_id, hash(prompt) AS prompt_hash
+SELECT feedback.rowid AS rid, response, label, coalesce(truncated, false) AS truncated, model_version, prompt_id,
+       hash(prompt) AS prompt_hash
 FROM feedback, scope_params p
 WHERE event_time >= p.since AND event_time < p.until
   AND (len(p.sources) = 0 OR list_contains(p.sources, source))
@@ -85,14 +86,15 @@ JOIN feedback f ON f.rowid = t.rid
 # rowid of one of its events to fetch the text when writing: the event whose raw prompt hashes lowest, so
 # the prompt text trained on is a function of the content (and in its hash), not of arrival order. Set work
 # on integers instead of carrying 10M texts through GROUP BY and window is what keeps a 10M-event build in
-# seconds. Exact duplicates collapse here; an answer labelled both up and down is a conflict.
+# seconds. Exact duplicates collapse here; an answer labelled both up and down is a conflict; an answer
+# reported cut off at the serving token limit by any of its events is trained as cut off (no end-of-turn).
 # The holdout ($2 salt, $3 share) is drawn per group of prompts that share an id or a normalised text (linked
 # over two hops: a text asked under two ids, an id asked with two texts), so no prompt is in both splits;
 # md5 (not DuckDB's hash) keeps it stable across DuckDB versions.
 UNITS_SQL = """
 CREATE OR REPLACE TEMP TABLE units AS
 WITH events AS (
-    SELECT s.rid, s.response, s.label, s.prompt_hash, t.text_key,
+    SELECT s.rid, s.response, s.label, s.truncated, s.prompt_hash, t.text_key,
            coalesce('id:' || s.prompt_id, 'text:' || t.text_key) AS prompt_key
     FROM scoped s JOIN prompt_texts t USING (prompt_hash) WHERE s.model_version = $1
 ), answers AS (
@@ -100,6 +102,7 @@ WITH events AS (
            min(prompt_hash) AS prompt_hash,
            bool_and(label) AS label,
            bool_or(label) AND NOT bool_and(label) AS conflict,
+           bool_or(truncated) AS truncated,
            count(*) AS events
     FROM events GROUP BY prompt_key, response_hash
 ), links AS (
@@ -133,7 +136,7 @@ WHERE up.label AND NOT down.label AND up.rn <= $1
 # splits to separate files or the pairs with their text re-reads the feedback text per file: 10M events
 # took 20.4-22.4 s that way; a partitioned COPY was slower still.
 KTO_FILE_SQL = """
-SELECT f.prompt, f.response AS completion, u.label, u.prompt_key, u.response_hash AS answer_id,
+SELECT f.prompt, f.response AS completion, u.label, u.prompt_key, u.truncated, u.response_hash AS answer_id,
        CASE WHEN u.is_eval THEN 'eval' ELSE 'train' END AS split
 FROM units u JOIN feedback f ON f.rowid = u.rid WHERE NOT u.conflict
 """
@@ -143,7 +146,7 @@ SELECT prompt_key, chosen_hash AS chosen_id, rejected_hash AS rejected_id,
 FROM pairs
 """
 SPLITS = (("train", "false"), ("eval", "true"))
-SNAPSHOT_FORMAT = "2"
+SNAPSHOT_FORMAT = "3"
 """Part of the content hash: the same rows in another file layout are another snapshot."""
 
 
@@ -251,7 +254,8 @@ def _watermark(con: Any) -> dict[str, Any]:
 
 def _content_hash(con: Any) -> str:
     """sha256 of an order-independent fingerprint of the answers in each file: (prompt key, response hash,
-    label, hash of the prompt text written) for KTO, (prompt key, chosen hash, rejected hash) for pairs, XOR-ed over rows under two hash seeds.
+    label, truncated, hash of the prompt text written) for KTO, (prompt key, chosen hash, rejected hash) for
+    pairs, XOR-ed over rows under two hash seeds.
 
     DuckDB's parallel aggregation does not fix row order and hashing the text again would cost as much as
     the build, so the identity of each row is hashed, not its bytes. A snapshot id's files and manifest are
@@ -260,7 +264,7 @@ def _content_hash(con: Any) -> str:
     """
     digest = hashlib.sha256(f"snapshot format {SNAPSHOT_FORMAT};".encode())
     for split, is_eval in SPLITS:
-        for name, cols, table, where in (("kto", "prompt_key, response_hash, label, prompt_hash", "units",
+        for name, cols, table, where in (("kto", "prompt_key, response_hash, label, truncated, prompt_hash", "units",
                                           "NOT conflict AND "),
                                          ("pairs", "prompt_key, chosen_hash, rejected_hash", "pairs", "")):
             row = con.execute(f"SELECT count(*), bit_xor(hash({cols})), bit_xor(hash({cols}, 'second seed')) "

@@ -27,7 +27,7 @@ _FEEDBACK_SCHEMA = {
     "event_id": pl.String, "prompt": pl.String, "response": pl.String, "label": pl.Boolean,
     "model_version": pl.String, "event_time": pl.Datetime("us", "UTC"), "prompt_id": pl.String,
     "conversation_id": pl.String, "user_id": pl.String, "source": pl.String, "metadata": pl.String,
-    "kafka_topic": pl.String, "kafka_partition": pl.Int32, "kafka_offset": pl.Int64,
+    "truncated": pl.Boolean, "kafka_topic": pl.String, "kafka_partition": pl.Int32, "kafka_offset": pl.Int64,
 }
 _FEEDBACK_COLUMNS = ", ".join(_FEEDBACK_SCHEMA)
 _DEAD_LETTER_SCHEMA = {"kafka_topic": pl.String, "kafka_partition": pl.Int32, "kafka_offset": pl.Int64,

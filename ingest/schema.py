@@ -5,10 +5,13 @@ Example message (JSON, UTF-8)::
     {"event_id": "c0ffee-42", "prompt": "How do I boil an egg?", "response": "Put it in boiling water...",
      "label": "up", "model_version": "smollm2-135m-instruct-q4_1", "event_time": "2026-11-28T12:00:00Z",
      "prompt_id": "p-981", "conversation_id": "conv-7", "user_id": "u-1", "source": "web",
-     "metadata": {"latency_ms": 420}}
+     "truncated": false, "metadata": {"latency_ms": 420}}
 
 ``label`` accepts true/false, 1/0, "up"/"down", "thumbs_up"/"thumbs_down" (case-insensitive).
-``event_time`` accepts RFC 3339 text (naive means UTC) or Unix epoch seconds. Unknown fields are ignored.
+``event_time`` accepts RFC 3339 text (naive means UTC) or Unix epoch seconds. ``truncated`` (optional) is
+true when the serving stack cut the answer off at its token limit (``finish_reason == "length"`` in
+OpenAI-compatible APIs): training then scores the answer without an end-of-turn token, which the model never
+produced. Unknown fields are ignored.
 Decoding uses msgspec: one C pass validates types and size limits, ~1 µs per event.
 """
 
@@ -30,9 +33,9 @@ LABELS: dict[Any, bool] = {
 }
 LABEL_HELP = 'true/false, 1/0, "up"/"down" or "thumbs_up"/"thumbs_down"'
 
-# Columns of a validated batch, in the order of the ``feedback`` table's leading columns.
+# Columns of a validated batch: the ``feedback`` table's event columns (the table adds the Kafka position).
 EVENT_COLUMNS = ("event_id", "prompt", "response", "label", "model_version", "event_time",
-                 "prompt_id", "conversation_id", "user_id", "source", "metadata")
+                 "prompt_id", "conversation_id", "user_id", "source", "metadata", "truncated")
 
 
 class InvalidEvent(ValueError):
@@ -70,6 +73,8 @@ class FeedbackEvent(msgspec.Struct, frozen=True):
     source: str | None = None
     metadata: str | None = None
     """The metadata object re-encoded as compact JSON text."""
+    truncated: bool | None = None
+    """True: cut off at the serving token limit; None: not reported (taken as ended by the model)."""
 
 
 def _wire_struct(limits: IngestConfig) -> type[msgspec.Struct]:
@@ -90,6 +95,7 @@ def _wire_struct(limits: IngestConfig) -> type[msgspec.Struct]:
             ("user_id", ident | None, None),
             ("source", ident | None, None),
             ("metadata", dict[str, Any] | None, None),
+            ("truncated", bool | None, None),
         ],
     )
 
@@ -131,6 +137,7 @@ class EventDecoder:
             user_id=wire.user_id,
             source=wire.source,
             metadata=self._metadata(wire.metadata),
+            truncated=wire.truncated,
         )
 
     @staticmethod

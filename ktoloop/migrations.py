@@ -126,6 +126,10 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE dead_letters ADD COLUMN raw_sha256 VARCHAR;    -- hex sha256 of the whole message
         UPDATE dead_letters SET raw_size = octet_length(raw), raw_sha256 = sha256(raw) WHERE raw IS NOT NULL;
     """),
+    (102, "ingestion: truncated answers", """
+        -- true: the serving stack cut the answer off at its token limit; NULL: not reported (taken as ended)
+        ALTER TABLE feedback ADD COLUMN truncated BOOLEAN;
+    """),
     (201, "datasets: decisions in their own table", """
         -- a snapshot is immutable data; what the rules decided about it depends on their settings too, so
         -- one row per (snapshot, settings): ktoloop.decision.decision_key hashes the gates, the forced method

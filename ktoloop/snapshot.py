@@ -4,17 +4,20 @@ A snapshot is a directory ``<home>/snapshots/<snapshot_id>/`` holding two Parque
 Training reads only snapshots, never the live ``feedback`` table, so a run is reproducible from its id.
 
   kto.parquet    the binary set, one row per answer: prompt: str, completion: str, label: bool (True =
-                 desirable), prompt_key: str, answer_id: uint64 (unique within a prompt), split: "train"|"eval"
+                 desirable), prompt_key: str, truncated: bool (cut off at the serving token limit: trained
+                 without an end-of-turn token), answer_id: uint64 (unique within a prompt),
+                 split: "train"|"eval"
   pairs.parquet  same-prompt pairs: prompt_key, chosen_id, rejected_id (answer_ids of two kto rows), split
 
 Each answer's text is stored once: a pair names its two answers instead of repeating their text (both are
 rows of kto.parquet in the same split), and the split is a column, so the builder writes all of it in one
 pass over the feedback table. ``Snapshot.kto(split)`` and ``Snapshot.pairs(split)`` resolve this into the
-frames the trainers use: (prompt, completion, label, prompt_key) and (prompt, chosen, rejected, prompt_key),
-in a canonical order (by prompt key and answer ids) whatever order the files were written in: the builder's
-parallel COPY does not fix row order, and the training batches are drawn by row index, so the same content
-must give the same rows.
+frames the trainers use: (prompt, completion, label, prompt_key, truncated) and (prompt, chosen, rejected,
+prompt_key, chosen_truncated, rejected_truncated), in a canonical order (by prompt key and answer ids)
+whatever order the files were written in: the builder's parallel COPY does not fix row order, and the
+training batches are drawn by row index, so the same content must give the same rows.
 ``write_files`` writes the format from frames, for snapshots made outside the builder (tests, imports).
+A ``truncated`` column absent from those frames, or from the files of a snapshot older than it, reads as False.
 """
 
 from __future__ import annotations
@@ -29,8 +32,12 @@ import polars as pl
 from ktoloop.errors import KtoLoopError
 
 SPLITS = ("train", "eval")
-KTO_COLUMNS = {"prompt": pl.String, "completion": pl.String, "label": pl.Boolean, "prompt_key": pl.String}
+KTO_COLUMNS = {"prompt": pl.String, "completion": pl.String, "label": pl.Boolean, "prompt_key": pl.String,
+               "truncated": pl.Boolean}
 PAIR_COLUMNS = {"prompt": pl.String, "chosen": pl.String, "rejected": pl.String, "prompt_key": pl.String}
+RESOLVED_PAIR_COLUMNS = {**PAIR_COLUMNS, "chosen_truncated": pl.Boolean, "rejected_truncated": pl.Boolean}
+DEFAULTS = {"truncated": False}
+"""Columns that may be absent or null (frames written by hand, files from before the column): their value then."""
 KTO_FILE, PAIRS_FILE, MANIFEST = "kto.parquet", "pairs.parquet", "manifest.json"
 KTO_STORED = {**KTO_COLUMNS, "answer_id": pl.UInt64, "split": pl.String}
 PAIRS_STORED = {"prompt_key": pl.String, "chosen_id": pl.UInt64, "rejected_id": pl.UInt64, "split": pl.String}
@@ -64,19 +71,21 @@ class Snapshot:
         return self._answers(split).select([pl.col(c).cast(t) for c, t in KTO_COLUMNS.items()])
 
     def pairs(self, split: str) -> pl.DataFrame:
-        answers = self._answers(split).select("prompt_key", "answer_id", "prompt", "completion")
+        answers = self._answers(split).select("prompt_key", "answer_id", "prompt", "completion", "truncated")
         pairs = (_scan(self.path / PAIRS_FILE, PAIRS_STORED).filter(pl.col("split") == split)
                  .sort("prompt_key", "chosen_id", "rejected_id").collect())
         resolved = (pairs
-                    .join(answers.rename({"answer_id": "chosen_id", "completion": "chosen"}),
+                    .join(answers.rename({"answer_id": "chosen_id", "completion": "chosen",
+                                          "truncated": "chosen_truncated"}),
                           on=["prompt_key", "chosen_id"], how="left", maintain_order="left")
-                    .join(answers.drop("prompt").rename({"answer_id": "rejected_id", "completion": "rejected"}),
+                    .join(answers.drop("prompt").rename({"answer_id": "rejected_id", "completion": "rejected",
+                                                         "truncated": "rejected_truncated"}),
                           on=["prompt_key", "rejected_id"], how="left", maintain_order="left"))
         dangling = resolved.filter(pl.col("chosen").is_null() | pl.col("rejected").is_null()).height
         if dangling:
             raise KtoLoopError(f"{self.path / PAIRS_FILE}: {dangling} {split} pair(s) name answers that are not "
                                f"{split} rows of {KTO_FILE}")
-        return resolved.select([pl.col(c).cast(t) for c, t in PAIR_COLUMNS.items()])
+        return resolved.select([pl.col(c).cast(t) for c, t in RESOLVED_PAIR_COLUMNS.items()])
 
     def rows(self, kind: str, split: str) -> int:
         """Row count of ``kind`` ("kto" or "pairs") in ``split``; reads only the split column."""
@@ -115,7 +124,8 @@ def load_snapshot(ref: str | Path, home: str | Path | None = None) -> Snapshot:
 
 
 def write_files(path: str | Path, kto: dict[str, pl.DataFrame], pairs: dict[str, pl.DataFrame]) -> None:
-    """Write kto.parquet and pairs.parquet from per-split frames with KTO_COLUMNS / PAIR_COLUMNS.
+    """Write kto.parquet and pairs.parquet from per-split frames with KTO_COLUMNS / PAIR_COLUMNS (``truncated``
+    may be left out: False).
 
     Answer ids are a hash of the completion text. Refused: the same completion twice under one prompt and
     split (a duplicate or a conflict, which the builder removes), and a pair whose chosen or rejected text is
@@ -144,14 +154,22 @@ def _stack(frames: dict[str, pl.DataFrame], columns: dict[str, Any]) -> pl.DataF
     unknown = set(frames) - set(SPLITS)
     if unknown:
         raise KtoLoopError(f"unknown split(s) {sorted(unknown)}; snapshots have {list(SPLITS)}")
-    return pl.concat([frames.get(split, pl.DataFrame(schema=columns)).select(
+    return pl.concat([_with_defaults(frames.get(split, pl.DataFrame(schema=columns)), columns).select(
         [pl.col(c).cast(t) for c, t in columns.items()]).with_columns(split=pl.lit(split)) for split in SPLITS])
+
+
+def _with_defaults(frame, columns: dict[str, Any]):
+    """``frame`` (eager or lazy) with each ``DEFAULTS`` column of ``columns`` that is absent or null filled with
+    its default."""
+    names = frame.collect_schema().names()
+    return frame.with_columns([(pl.col(c).fill_null(v) if c in names else pl.lit(v, columns[c])).alias(c)
+                               for c, v in DEFAULTS.items() if c in columns])
 
 
 def _scan(path: Path, columns: dict[str, Any]) -> pl.LazyFrame:
     if not path.is_file():
         raise KtoLoopError(f"snapshot file missing: {path}")
-    frame = pl.scan_parquet(path)
+    frame = _with_defaults(pl.scan_parquet(path), columns)
     missing = [c for c in columns if c not in frame.collect_schema().names()]
     if missing:
         raise KtoLoopError(f"{path} lacks column(s) {missing}")

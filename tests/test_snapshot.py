@@ -27,12 +27,26 @@ def test_pairs_are_resolved_from_the_answers_they_name(tmp_path):
                 {"train": pairs(("p1", "yes", "no", "k1"), ("p2", "no", "yes", "k2")),
                  "eval": pairs(("p3", "fine", "bad", "k3"))})
     snap = snapshot(tmp_path)
-    assert snap.pairs("train").rows() == [("p1", "yes", "no", "k1"), ("p2", "no", "yes", "k2")]
-    assert snap.pairs("eval").rows() == [("p3", "fine", "bad", "k3")]
-    assert snap.kto("eval").rows() == [("p3", "fine", True, "k3"), ("p3", "bad", False, "k3")]
+    assert snap.pairs("train").rows() == [("p1", "yes", "no", "k1", False, False),
+                                          ("p2", "no", "yes", "k2", False, False)]
+    assert snap.pairs("eval").rows() == [("p3", "fine", "bad", "k3", False, False)]
+    assert snap.kto("eval").rows() == [("p3", "fine", True, "k3", False), ("p3", "bad", False, "k3", False)]
     assert (snap.rows("kto", "train"), snap.rows("kto", "eval"), snap.rows("pairs", "eval")) == (4, 2, 1)
     stored = pl.read_parquet(tmp_path / PAIRS_FILE)
     assert set(stored.columns) == {"prompt_key", "chosen_id", "rejected_id", "split"}  # no text in the pairs file
+
+
+def test_a_cut_off_answer_stays_marked_and_older_files_read_as_ended(tmp_path):
+    write_files(tmp_path, {"train": kto(("p1", "short", True, "k1", False),
+                                        ("p1", "rambling on and", False, "k1", True), ("p2", "fine", True, "k2"))},
+                {"train": pairs(("p1", "short", "rambling on and", "k1"))})
+    snap = snapshot(tmp_path)
+    assert dict(snap.kto("train").select("completion", "truncated").rows()) == {
+        "short": False, "rambling on and": True, "fine": False}
+    assert snap.pairs("train").select("chosen_truncated", "rejected_truncated").rows() == [(False, True)]
+    kto_file = tmp_path / KTO_FILE  # a snapshot written before the column existed
+    pl.read_parquet(kto_file).drop("truncated").write_parquet(kto_file)
+    assert snap.kto("train")["truncated"].to_list() == [False, False, False]
 
 
 def test_a_pair_must_be_two_labelled_answers_of_its_prompt_and_split(tmp_path):

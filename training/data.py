@@ -2,7 +2,11 @@
 
 A sequence is ``prompt_ids + completion_ids``: the prompt is the chat template's user turn plus generation
 prompt (its own special tokens, no extra BOS); the completion is the response followed by exactly one
-end-of-turn token (the tokenizer's eos, ``<|im_end|>`` for SmolLM2). Only completion tokens are scored.
+end-of-turn token (the tokenizer's eos, ``<|im_end|>`` for SmolLM2), unless the serving stack cut the answer
+off at its token limit (``truncated``): the model never produced that token, and scoring it hands the loss a
+shortcut (a disliked cut-off answer is pushed down most cheaply by making its end-of-turn token unlikely, which
+teaches the model never to stop; in the generations simulation this kept the thumbs-up rate flat).
+Only completion tokens are scored.
 Too long: the prompt keeps its last ``max_prompt_length`` tokens, then the completion keeps its first tokens.
 
 Sequences are addressed as (prompt row, completion row) so KTO's mismatched pairs and DPO's chosen/rejected
@@ -30,11 +34,12 @@ def render_prompt(tokenizer, prompt: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids  # the template already holds any BOS
 
 
-def encode_completion(tokenizer, response: str) -> list[int]:
-    """The response's tokens plus one end-of-turn token (not doubled if the text already ends with it)."""
+def encode_completion(tokenizer, response: str, truncated: bool = False) -> list[int]:
+    """The response's tokens plus one end-of-turn token (not doubled if the text already ends with it), or
+    none when the answer was ``truncated`` (cut off at the serving token limit)."""
     eos = tokenizer.eos_token_id
     ids = tokenizer(response, add_special_tokens=False).input_ids
-    return ids if ids and ids[-1] == eos else ids + [eos]
+    return ids if truncated or (ids and ids[-1] == eos) else ids + [eos]
 
 
 def truncate(prompt: list[int], completion: list[int], max_length: int,
@@ -83,14 +88,19 @@ def encode_snapshot(snapshot: Snapshot, split: str, tokenizer, paired: bool, max
         raise KtoLoopError(f"snapshot {snapshot.manifest.snapshot_id}: {'pairs' if paired else 'kto'}_{split}"
                            f".parquet is empty")
     prompts = [render_prompt(tokenizer, p) for p in frame["prompt"].to_list()]
-    if paired:
-        texts = frame["chosen"].to_list() + frame["rejected"].to_list()
-        desirable: list[bool] = []
-    else:
-        texts = frame["completion"].to_list()
-        desirable = [bool(x) for x in frame["label"].to_list()]
-    completions = [encode_completion(tokenizer, t) for t in texts]
+    texts, cut = completion_texts(frame, paired)
+    completions = [encode_completion(tokenizer, t, c) for t, c in zip(texts, cut)]
+    desirable = [] if paired else [bool(x) for x in frame["label"].to_list()]
     return Encoded(prompts, completions, paired, max_length, max_prompt_length, desirable)
+
+
+def completion_texts(frame, paired: bool) -> tuple[list[str], list[bool]]:
+    """The completions of a ``Snapshot.kto`` or ``Snapshot.pairs`` frame in ``Encoded`` order (paired: all
+    chosen, then all rejected), each with whether it was cut off at the serving token limit."""
+    if paired:
+        return (frame["chosen"].to_list() + frame["rejected"].to_list(),
+                frame["chosen_truncated"].to_list() + frame["rejected_truncated"].to_list())
+    return frame["completion"].to_list(), frame["truncated"].to_list()
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ktoloop.errors import KtoLoopError
 from ktoloop.snapshot import Snapshot
 from training.config import RewardConfig  # lives there: no torch to load [reward]
-from training.data import Encoded, collate, encode_completion, render_prompt
+from training.data import Encoded, collate, completion_texts, encode_completion, render_prompt
 from training.evaluate import has_split
 from training.logprobs import decoder_states
 from training.reference import Reference, _hash_dir, verify_pinned_dir
@@ -105,8 +105,9 @@ def reward_data(snapshot: Snapshot, split: str, tokenizer, config: RewardConfig,
     def encode(frame, paired: bool) -> Encoded | None:
         if frame is None or frame.height == 0:
             return None
-        texts = frame["chosen"].to_list() + frame["rejected"].to_list() if paired else frame["completion"].to_list()
-        return Encoded([prompt(p) for p in frame["prompt"]], [encode_completion(tokenizer, t) for t in texts],
+        texts, cut = completion_texts(frame, paired)
+        return Encoded([prompt(p) for p in frame["prompt"]],
+                       [encode_completion(tokenizer, t, c) for t, c in zip(texts, cut)],
                        paired, config.max_length, config.max_prompt_length,
                        [] if paired else [bool(x) for x in frame["label"]])
 

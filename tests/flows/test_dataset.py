@@ -64,6 +64,22 @@ def test_duplicates_collapse_conflicts_are_counted_and_excluded(tmp_path):
     assert "flip" not in kto["completion"].to_list() and "other model" not in kto["completion"].to_list()
 
 
+def test_an_answer_reported_cut_off_reaches_the_trainer_marked_and_changes_the_snapshot(tmp_path):
+    events = [event(1, "p1", "short and done", "up", truncated=False),
+              event(2, "p1", "long and cut", "down", truncated=True), event(3, "p1", "long and cut", "down"),
+              event(4, "p1", "not reported", "down")]
+    result = build_dataset(store_with(tmp_path, events), tmp_path, config(holdout_fraction=0.01), V1)
+    kto = result.snapshot.kto("train")
+    assert dict(kto.select("completion", "truncated").rows()) == {
+        "short and done": False, "long and cut": True, "not reported": False}  # any event reporting it cuts it
+    [(rejected, chosen_cut, rejected_cut)] = result.snapshot.pairs("train").select(
+        "rejected", "chosen_truncated", "rejected_truncated").rows()
+    assert not chosen_cut and rejected_cut == (rejected == "long and cut")
+    ended = [dict(e, truncated=False) for e in events]
+    other = build_dataset(store_with(tmp_path, ended, "ended.duckdb"), tmp_path, config(holdout_fraction=0.01), V1)
+    assert other.snapshot.manifest.snapshot_id != result.snapshot.manifest.snapshot_id  # what is trained differs
+
+
 def test_pairs_only_within_one_prompt_and_one_model_version(tmp_path):
     rng = random.Random(0)
     events, i = [], 0

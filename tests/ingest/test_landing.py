@@ -50,6 +50,15 @@ def test_redelivery_with_other_content_is_quarantined_naming_both_versions(tmp_p
     assert kept.rows() == [(first[1]["response"], 0)]  # the landed version stays
 
 
+def test_the_cut_off_flag_lands_and_is_part_of_the_event(tmp_path):
+    store = Store(tmp_path / "k.duckdb")
+    [event] = synthetic_events(1, seed=5)
+    assert land(store, "g", batch([encode_event(dict(event, truncated=True))], 0)).landed == 1
+    assert store.read("SELECT truncated FROM feedback").rows() == [(True,)]
+    assert land(store, "g", batch([encode_event(dict(event, truncated=False))], 1)).rejected == 1
+    assert "differing: truncated)" in dead_letters(store)[0]["error"]
+
+
 def test_two_versions_of_one_event_id_in_one_batch_land_the_first_and_quarantine_the_second(tmp_path):
     store = Store(tmp_path / "k.duckdb")
     [event] = synthetic_events(1, seed=2)

@@ -32,6 +32,7 @@ def test_label_forms(label, expected):
     ({"model_version": ...}, r"missing required field `model_version`"),
     ({"prompt": 5}, r"Expected `str`, got `int` - at `\$.prompt`"),
     ({"metadata": [1, 2]}, r"at `\$.metadata`"),
+    ({"truncated": "yes"}, r"Expected `bool \| null`, got `str` - at `\$.truncated`"),
     ({"event_time": "yesterday"}, r"at `\$.event_time`"),
     ({"prompt": "x" * 101}, r"length <= 100 - at `\$.prompt`"),
 ])
@@ -73,6 +74,12 @@ def test_blank_required_text_is_rejected_naming_the_field(field, blank):
 def test_text_with_surrounding_whitespace_lands_unchanged():
     event = EventDecoder().decode(raw(response="  ok\n", prompt="\u3000hi"))
     assert (event.response, event.prompt) == ("  ok\n", "\u3000hi")
+
+
+def test_truncated_is_optional_and_reported_as_given():
+    decoder = EventDecoder()
+    assert [decoder.decode(raw(**c)).truncated for c in ({}, {"truncated": True}, {"truncated": False})] == [
+        None, True, False]
 
 
 def test_metadata_limit_and_times():

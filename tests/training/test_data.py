@@ -33,6 +33,12 @@ def test_completion_ends_with_exactly_one_end_of_turn(tok):
     assert tok.bos_token_id not in ids and ids.count(tok.eos_token_id) == 1
 
 
+def test_an_answer_cut_off_at_the_serving_limit_gets_no_end_of_turn(tok):
+    """The model never produced it: scored, it would let KTO push a disliked cut-off answer down by making
+    stopping unlikely."""
+    assert tok.convert_ids_to_tokens(encode_completion(tok, "Sure thing", truncated=True)) == ["Sure", "Ġthing"]
+
+
 def test_sequence_and_mask_match_the_chat_template_token_by_token(tok):
     data = encoded(tok, "Hi there", "Sure thing")
     batch = collate(Encoded(data.prompts * 2, [data.completions[0], encode_completion(tok, "A much longer answer here")],
