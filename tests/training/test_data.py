@@ -1,10 +1,12 @@
 """Token-by-token checks of prompts, completions and masks on the real SmolLM2 tokenizer."""
 
+import polars as pl
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from training.data import Encoded, collate, encode_completion, render_prompt, truncate
+from ktoloop.snapshot import Manifest, Snapshot, write_files
+from training.data import Encoded, collate, encode_completion, encode_snapshot, render_prompt, truncate
 from training.logprobs import sequence_logps
 
 
@@ -37,6 +39,21 @@ def test_an_answer_cut_off_at_the_serving_limit_gets_no_end_of_turn(tok):
     """The model never produced it: scored, it would let KTO push a disliked cut-off answer down by making
     stopping unlikely."""
     assert tok.convert_ids_to_tokens(encode_completion(tok, "Sure thing", truncated=True)) == ["Sure", "Ġthing"]
+
+
+def test_a_snapshots_cut_off_answers_are_encoded_without_end_of_turn_in_both_forms(tok, tmp_path):
+    rows = [{"prompt": "Hi", "completion": "Hello!", "label": True, "prompt_key": "k", "truncated": False},
+            {"prompt": "Hi", "completion": "Well, let me tell you about", "label": False, "prompt_key": "k",
+             "truncated": True}]
+    write_files(tmp_path, {"train": pl.DataFrame(rows)},
+                {"train": pl.DataFrame([{"prompt": "Hi", "chosen": "Hello!", "rejected": "Well, let me tell you about",
+                                         "prompt_key": "k"}])})
+    snapshot = Snapshot(tmp_path, Manifest("ds-t", "0" * 64, "v1", {}))
+    kto = encode_snapshot(snapshot, "train", tok, False, 512, 256)
+    ended = {tok.decode(c): c[-1] == tok.eos_token_id for c in kto.completions}
+    assert ended == {"Hello!<|im_end|>": True, "Well, let me tell you about": False}
+    pairs = encode_snapshot(snapshot, "train", tok, True, 512, 256)
+    assert [c[-1] == tok.eos_token_id for c in pairs.completions] == [True, False]  # chosen, then rejected
 
 
 def test_sequence_and_mask_match_the_chat_template_token_by_token(tok):
