@@ -2,8 +2,8 @@
 
 Events are generated inside DuckDB (a pool of prompts with ids, 2-4 answers per prompt visit, a few hundred
 bytes of text each, ~3% conflicting labels, 5% from another model version, some exact duplicates, 10% cut off
-at the serving token limit). The build
-then runs in a fresh child process, so its peak RSS is the build's alone.
+at the serving token limit). The build then runs in a fresh child process, so its peak RSS is the build's
+alone.
 Usage: python benchmarks/bench_dataset.py [--events 10000000] [--keep DIR]
 """
 

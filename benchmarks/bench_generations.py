@@ -8,10 +8,10 @@ rate each answer (``liked``, below); the events go through the real local broker
 the serving model's ``model_version`` and, as a serving stack reports it, whether ``max_new_tokens`` cut the
 answer off (``truncated``: trained without an end-of-turn token); then the real retrain flow runs: drain,
 build, decide, train (KTO from the serving model, which is also the frozen reference), gate, promote, export
-and pin. Held-out prompts never
-enter training; on them, each generation reports the users' thumbs-up rate of fresh samples (± SE), the rate
-of degenerate answers, the KL of the serving model to generation 0 (mean over its own samples of
-log p_g(y|x) - log p_0(y|x), nats per answer) and the gate's decision and figures (capability included).
+and pin. Held-out prompts never enter training; on them, each generation reports the users' thumbs-up rate of
+fresh samples (± SE), the rate of degenerate answers, the KL of the serving model to generation 0 (mean over
+its own samples of log p_g(y|x) - log p_0(y|x), nats per answer) and the gate's decision and figures
+(capability included).
 
 With ``--canary-events N`` (the default), a candidate that passes the gate first answers the next batch of
 prompts beside the serving model, as a canary; it is decided (``flows.loop.check_canary``, as the retrain
