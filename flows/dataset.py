@@ -67,8 +67,7 @@ SCOPE_SQL = """
 CREATE OR REPLACE TEMP TABLE scope_params
     (since TIMESTAMPTZ, until TIMESTAMPTZ, sources VARCHAR[], min_prompt INTEGER, min_response INTEGER);
 CREATE OR REPLACE TEMP VIEW scoped AS
-SELECT feedback.rowid AS rid, response, label, coalesce(truncated, false) AS truncated, model_version, prompt_id,
-       hash(prompt) AS prompt_hash
+SELECT feedback.rowid AS rid, response, label, truncated, model_version, prompt_id, hash(prompt) AS prompt_hash
 FROM feedback, scope_params p
 WHERE event_time >= p.since AND event_time < p.until
   AND (len(p.sources) = 0 OR list_contains(p.sources, source))
@@ -102,7 +101,7 @@ WITH events AS (
            min(prompt_hash) AS prompt_hash,
            bool_and(label) AS label,
            bool_or(label) AND NOT bool_and(label) AS conflict,
-           bool_or(truncated) AS truncated,
+           coalesce(bool_or(truncated), false) AS truncated,  -- NULL: not reported, taken as ended
            count(*) AS events
     FROM events GROUP BY prompt_key, response_hash
 ), links AS (
