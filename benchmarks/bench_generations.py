@@ -208,6 +208,7 @@ def main() -> None:
                                       items=args.capability_items, canary_events=args.canary_events))
     os.environ["KTOLOOP_CONFIG"] = str(config)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # as the CLI: no telemetry calls
 
     from flows import registry
     from flows.gate import proportion_test
