@@ -2,7 +2,8 @@
 
 Every benchmark reduces to "log P(continuation | context)" (plus whether greedy decoding would have produced
 the continuation), as in lm-evaluation-harness. Requests are sorted by length so a padded batch wastes little,
-and only continuation positions go through the LM head, which keeps memory flat on long contexts.
+requests with one context share a row (``training.packing``), and only continuation positions go through the
+LM head, which keeps memory flat on long contexts.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+from training import packing
 
 
 @dataclass(frozen=True)
@@ -54,68 +57,45 @@ def prefix_token(tokenizer) -> int:
     return int(token)
 
 
-def _batches(order: list[int], lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Greedy batches over requests sorted longest first; a batch's padded size stays under ``batch_tokens``."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for index in order:
-        longest = lengths[current[0]] if current else lengths[index]
-        if current and longest * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(index)
-    if current:
-        batches.append(current)
-    return batches
+def _window(request: Request, max_length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(context, continuation) as the model sees them: cut from the left to ``max_length`` + 1 tokens (the last
+    is only predicted); a continuation longer than that is scored on its last tokens."""
+    if not request.context or not request.continuation:
+        raise ValueError("a request needs a non-empty context and continuation")
+    tokens = (request.context + request.continuation)[-(max_length + 1):]
+    scored = min(len(request.continuation), len(tokens) - 1)
+    return tokens[:-scored], tokens[-scored:]
 
 
 @torch.inference_mode()
 def loglikelihood(model, requests: list[Request], *, batch_tokens: int = 8192, max_length: int = 2048,
                   pad_id: int = 0, desc: str = "scoring", progress: bool = True,
-                  on_batch: Callable[[int], None] | None = None) -> list[Score]:
-    """Score every request; results come back in request order. ``on_batch(n)`` after each batch of n."""
+                  on_batch: Callable[[int], None] | None = None, share_contexts: bool = True) -> list[Score]:
+    """Score every request; results come back in request order. Requests with the same context share a row
+    (``training.packing``), so a multiple-choice item's question is computed once for all its options
+    (``share_contexts=False``: a row each, the benchmark's baseline); a batch's padded size stays under
+    ``batch_tokens``. ``on_batch(n)`` after each batch of n requests."""
     device = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    inputs: list[list[int]] = []
-    for req in requests:
-        if not req.context or not req.continuation:
-            raise ValueError("a request needs a non-empty context and continuation")
-        # the model sees context + continuation minus the last token, cut from the left to max_length
-        inputs.append(list(req.context + req.continuation)[-(max_length + 1):][:-1])
-    lengths = [len(x) for x in inputs]
-    order = sorted(range(len(requests)), key=lambda i: -lengths[i])
+    windows = [_window(r, max_length) for r in requests]
+    rows = packing.plan_rows(windows, max_tokens=max_length if share_contexts else 0)
     results: list[Score | None] = [None] * len(requests)
-    for batch in tqdm(_batches(order, lengths, batch_tokens), desc=desc, disable=not progress, unit="batch"):
-        width = lengths[batch[0]]
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            ids[row, : lengths[index]] = torch.tensor(inputs[index])
-            mask[row, : lengths[index]] = 1
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        # rows and positions whose next token is a continuation token (right padding keeps them at the end)
-        rows, cols, targets, owners = [], [], [], []
-        for row, index in enumerate(batch):
-            cont = requests[index].continuation[-lengths[index]:]
-            start = lengths[index] - len(cont)
-            rows += [row] * len(cont)
-            cols += range(start, lengths[index])
-            targets += cont
-            owners += [index] * len(cont)
-        logits = head(hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]).float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        target = torch.tensor(targets, device=device)
-        token_lp = logprobs.gather(1, target[:, None]).squeeze(1).cpu()
-        hits = (logprobs.argmax(dim=-1) == target).cpu()
-        offset = 0
-        for index in batch:
-            count = min(len(requests[index].continuation), lengths[index])
-            results[index] = Score(float(token_lp[offset:offset + count].sum()), bool(hits[offset:offset + count].all()),
-                                   count)
-            offset += count
-        assert offset == len(owners)
+    chunks = packing.batches(rows, max_tokens=batch_tokens)
+    for chunk in tqdm(chunks, desc=desc, disable=not progress, unit="batch"):
+        batch = packing.collate_rows(chunk, pad_id, device)
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids).last_hidden_state
+        row_ids, columns, targets, owners = batch.scored
+        logprobs = torch.log_softmax(head(hidden[row_ids, columns]).float(), dim=-1)
+        token_lp = logprobs.gather(1, targets[:, None]).squeeze(1)
+        misses = (logprobs.argmax(dim=-1) != targets).float()
+        sums = torch.zeros(batch.size, device=device).index_add(0, owners, token_lp).cpu()
+        missed = torch.zeros(batch.size, device=device).index_add(0, owners, misses).cpu()
+        counts = torch.bincount(owners, minlength=batch.size).cpu()
+        for k, index in enumerate(batch.sequences):
+            results[index] = Score(float(sums[k]), bool(missed[k] == 0), int(counts[k]))
         if on_batch is not None:
-            on_batch(len(batch))
+            on_batch(batch.size)
     return results  # type: ignore[return-value]
 
 

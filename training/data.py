@@ -109,9 +109,23 @@ class Batch:
     attention_mask: torch.Tensor  # (B, L)
     completion_mask: torch.Tensor  # (B, L) True where the token is a completion token (scored)
 
+    position_ids = None  # 0..L-1 (a ``training.packing.PackedBatch`` numbers its own)
+
     @property
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(1)
+
+    @property
+    def size(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def scored(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, column, target, owner) per completion token, as ``PackedBatch.scored``: position t predicts
+        token t+1, and a row is one sequence."""
+        mask = self.completion_mask[:, 1:]
+        rows, columns = mask.nonzero(as_tuple=True)
+        return rows, columns, self.input_ids[:, 1:][mask], rows
 
 
 def collate(encoded: Encoded, pairs: list[Pair], pad_id: int, device: torch.device | str = "cpu") -> Batch:

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from ktoloop.progress import Progress
-from training.data import Batch, Encoded, Pair, collate
+from training import packing
+from training.data import Batch, Encoded, Pair
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +39,20 @@ def decoder_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return base, base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
 
 
-def sequence_logps(model, batch: Batch) -> torch.Tensor:
-    """Sum of log p(token) over each sequence's completion tokens, shape (B,), float32."""
-    base, hidden = decoder_states(model, batch.input_ids, batch.attention_mask)
+def sequence_logps(model, batch: Batch | packing.PackedBatch) -> torch.Tensor:
+    """Sum of log p(token) over each sequence's completion tokens, shape (sequences,), float32."""
+    base, hidden = decoder_states(model, batch.input_ids, batch.attention_mask, batch.position_ids)
     return completion_logps(base, hidden, batch)
 
 
-def completion_logps(base, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+def completion_logps(base, hidden: torch.Tensor, batch: Batch | packing.PackedBatch) -> torch.Tensor:
     """The LM head on the positions that predict a completion token, summed per sequence: prompt and padding
     positions never materialise vocabulary-sized logits, which is most of the activation memory at small
     model sizes."""
-    scored = batch.completion_mask[:, 1:]  # position t predicts token t+1
-    rows = scored.nonzero()[:, 0]
-    logits = base.get_output_embeddings()(hidden[:, :-1][scored]).float()
-    targets = batch.input_ids[:, 1:][scored]
+    rows, columns, targets, owners = batch.scored
+    logits = base.get_output_embeddings()(hidden[rows, columns]).float()
     token_logps = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(-1)
-    return torch.zeros(len(batch.input_ids), device=logits.device).index_add(0, rows, token_logps)
+    return torch.zeros(batch.size, device=logits.device).index_add(0, owners, token_logps)
 
 
 def shared_trunk(model) -> int:
@@ -79,7 +78,7 @@ def shared_trunk(model) -> int:
     return adapted[0]
 
 
-def policy_and_reference_logps(model, batch: Batch, shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_and_reference_logps(model, batch: Batch | packing.PackedBatch, shared: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy's completion log-probs (with grad where grad is on) and the reference's (no grad), from one
     pass through the ``shared`` bottom layers (``shared_trunk``): the reference re-runs only the layers above,
     with the adapter disabled, from the hidden state the policy's forward computed at layer ``shared``."""
@@ -123,7 +122,8 @@ def precision(device: torch.device) -> str:
 
 def compute_logps(model, data: Encoded, pairs: list[Pair], pad_id: int, device: torch.device,
                   batch_size: int, label: str = "log-probs") -> torch.Tensor:
-    """Log-probs of many sequences, in eval mode, batched; length-sorted so padding stays small.
+    """Log-probs of many sequences, in eval mode, batched: longest first so padding stays small, and sequences
+    that share a prompt (a pair's two answers, KTO's mismatched sequences) share a row (``training.packing``).
 
     Logs ``label: done/total sequences, rate, ETA`` every ``ktoloop.progress.EVERY_S`` seconds."""
     return _batched(lambda batch: (sequence_logps(model, batch),), 1, model, data, pairs, pad_id, device,
@@ -140,19 +140,21 @@ def compute_policy_and_reference(model, data: Encoded, pairs: list[Pair], pad_id
 @torch.no_grad()
 def _batched(score, outputs: int, model, data: Encoded, pairs: list[Pair], pad_id: int, device: torch.device,
              batch_size: int, label: str) -> tuple[torch.Tensor, ...]:
-    """``outputs`` tensors of per-sequence values, ``score(batch)`` giving each batch's."""
+    """``outputs`` tensors of per-sequence values, ``score(batch)`` giving each batch's; a batch holds at most
+    ``batch_size`` sequences."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(pairs)), key=lambda k: len(data.tokens(pairs[k])[0]) + len(data.tokens(pairs[k])[1]))
+    # a row holds a pair (two completions of one prompt) or more: each sequence is at most max_length long
+    rows = packing.plan_rows([data.tokens(p) for p in pairs], max_tokens=2 * data.max_length)
     outs = tuple(torch.zeros(len(pairs)) for _ in range(outputs))
-    progress = Progress(label, len(order), "sequences", log)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
+    progress = Progress(label, len(pairs), "sequences", log)
+    for chunk in packing.batches(rows, max_sequences=batch_size):
+        batch = packing.collate_rows(chunk, pad_id, device)
         with autocast(device):
-            values = score(collate(data, [pairs[k] for k in chunk], pad_id, device))
+            values = score(batch)
         for out, value in zip(outs, values):
-            out[chunk] = value.cpu()
-        progress.update(len(chunk))
+            out[batch.sequences] = value.cpu()
+        progress.update(batch.size)
     model.train(was_training)
     return outs
 

@@ -54,6 +54,27 @@ def test_scorer_matches_hand_computation(tiny):
         assert score.tokens == len(request.continuation)
 
 
+def test_options_sharing_a_question_are_scored_as_alone_and_long_requests_keep_their_window(tiny):
+    model, tok = tiny
+    question = "Question: Which gas do plants take in from the air?\nAnswer:"
+    options = [" carbon dioxide", " oxygen", " nitrogen, mostly", " water vapour and a little dust"]
+    requests = [encode_pair(tok, question, o) for o in options]
+    requests.append(encode_pair(tok, "Some text that runs well past the window of the scorer, with many more words "
+                                     "than it can see at once, so that its start is cut", " and its continuation"))
+    assert len(requests[4].context + requests[4].continuation) > 27
+    # 26 tokens: the question and its four options fit in one row; the long request is cut to its last 27
+    scores = loglikelihood(model, requests, batch_tokens=64, max_length=26, pad_id=tok.pad_token_id, progress=False)
+    for request, score in zip(requests[:4], scores):
+        expected, greedy = by_hand(model, request)
+        assert (score.logprob, score.greedy, score.tokens) == (pytest.approx(expected, abs=1e-4), greedy,
+                                                               len(request.continuation))
+    window = list(requests[4].context + requests[4].continuation)[-27:]
+    scored = len(requests[4].continuation)
+    expected, greedy = by_hand(model, Request(tuple(window[:-scored]), tuple(window[-scored:])))
+    assert (scores[4].logprob, scores[4].greedy, scores[4].tokens) == (pytest.approx(expected, abs=1e-4), greedy,
+                                                                       scored)
+
+
 def test_encode_pair_moves_trailing_space_to_continuation(tiny):
     _, tok = tiny
     a, b = encode_pair(tok, "Answer: ", "yes"), encode_pair(tok, "Answer:", " yes")
