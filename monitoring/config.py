@@ -16,7 +16,8 @@ class MonitorConfig:
     """Folder with the benchmark files (formats: ktoloop/data/PROVENANCE.md); empty means ``<data_dir>/benchmarks``."""
     batch_tokens: int = 2048
     """Padded tokens per forward pass. Rows are sorted by length, yet each is padded to its batch's longest: on
-    2 CPU cores the demo's ARC-Easy and PIQA took 51 s at 2,048 against 77 s at 8,192 (bench_eval --packing)."""
+    2 CPU cores, a row per request, the demo's ARC-Easy and PIQA took 78 s at 2,048 against 114 s at 8,192
+    (``benchmarks/bench_eval.py --packing``)."""
     max_length: int = 2048
     """Longest sequence scored (contexts are truncated from the left); also the perplexity window."""
     quick_sizes: dict[str, int] = field(default_factory=lambda: {

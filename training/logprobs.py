@@ -78,7 +78,8 @@ def shared_trunk(model) -> int:
     return adapted[0]
 
 
-def policy_and_reference_logps(model, batch: Batch | packing.PackedBatch, shared: int) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_and_reference_logps(model, batch: Batch | packing.PackedBatch,
+                               shared: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The policy's completion log-probs (with grad where grad is on) and the reference's (no grad), from one
     pass through the ``shared`` bottom layers (``shared_trunk``): the reference re-runs only the layers above,
     with the adapter disabled, from the hidden state the policy's forward computed at layer ``shared``."""

@@ -98,7 +98,8 @@ def collate_rows(rows: Sequence[Row], pad_id: int, device: torch.device | str = 
     return PackedBatch(ids.to(device), mask.to(device), positions.to(device), sequences, index_tensors)
 
 
-def batches(rows: Sequence[Row], *, max_sequences: int | None = None, max_tokens: int | None = None) -> list[list[Row]]:
+def batches(rows: Sequence[Row], *, max_sequences: int | None = None,
+            max_tokens: int | None = None) -> list[list[Row]]:
     """Rows sorted longest first and cut into batches of at most ``max_sequences`` sequences or ``max_tokens``
     padded tokens (rows x the longest), whichever binds; a batch always takes at least one row."""
     ordered = sorted(rows, key=lambda row: -row.length)
@@ -107,7 +108,8 @@ def batches(rows: Sequence[Row], *, max_sequences: int | None = None, max_tokens
     for row in ordered:
         sequences = sum(len(r.continuations) for r in current) + len(row.continuations)
         too_many = max_sequences is not None and sequences > max_sequences
-        too_wide = max_tokens is not None and (current[0].length if current else row.length) * (len(current) + 1) > max_tokens
+        longest = current[0].length if current else row.length
+        too_wide = max_tokens is not None and longest * (len(current) + 1) > max_tokens
         if current and (too_many or too_wide):
             out.append(current)
             current = []
