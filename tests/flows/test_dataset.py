@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
+import unicodedata
 
+import pyarrow as pa
 import pytest
 
-from flows.dataset import DatasetConfig, build_dataset, decisions_of, kto_weights
+from flows.dataset import DatasetConfig, build_dataset, decisions_of, kto_weights, normalize_prompts
 from ktoloop.decision import IneligibleMethod, decide
 from ingest.landing import Batch, land
 from ingest.schema import EventDecoder, encode_event
@@ -356,3 +359,18 @@ def test_the_cli_and_the_flows_build_the_same_snapshot_and_decision(tmp_path, ti
     by_flow = build(settings).decision
     assert by_cli == by_flow
     assert by_flow.eligibility["ppo"] == {"eligible": True, "reason": "eligible"}
+
+
+# Unicode's White_Space property (PropList.txt), written out: Python's str.isspace adds U+001C-U+001F.
+WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+
+
+def test_prompt_normalisation_is_nfkc_then_each_whitespace_run_as_one_space_trimmed_and_lower_case():
+    run = f"[{re.escape(WHITE_SPACE)}]+"
+
+    def plain(text: str) -> str:
+        return re.sub(run, " ", unicodedata.normalize("NFKC", text)).strip(WHITE_SPACE).lower()
+
+    texts = [form.format(c=c) for c in WHITE_SPACE for form in ("a{c}b", "a{c} b", "a {c}{c} b", "{c}A{c}", "{c}")]
+    texts += ["Ｆｕｌｌ　ｗｉｄｔｈ", "ﬁne  Tea?", "x\x1cy \u200b z", "a  b", "", "   ", "One space only."]
+    assert normalize_prompts(pa.array(texts)).to_pylist() == [plain(t) for t in texts]
