@@ -87,8 +87,8 @@ SELECT t.prompt_hash, md5(ktoloop_normalize(f.prompt)) AS text_key
 FROM (SELECT prompt_hash, min(rid) AS rid FROM events GROUP BY prompt_hash) t
 JOIN feedback f ON f.rowid = t.rid
 """
-# One row per distinct answer: (prompt_key, 64-bit hash of the response), with the
-# rowid of one of its events to fetch the text when writing: the event whose raw prompt hashes lowest, so
+# One row per distinct answer: (prompt_key, 64-bit hash of the response), with the rowid of one of its
+# events to fetch the text when writing: the event whose raw prompt hashes lowest, so
 # the prompt text trained on is a function of the content (and in its hash), not of arrival order. Set work
 # on integers instead of carrying 10M texts through GROUP BY and window is what keeps a 10M-event build in
 # seconds. Exact duplicates collapse here; an answer labelled both up and down is a conflict; an answer
@@ -215,7 +215,7 @@ def build_dataset(store: Store, home: str | Path, config: DatasetConfig, model_v
 
 
 WHITESPACE = r"[\s\x{0B}\x{85}\p{Z}]"
-"""Unicode White_Space (RE2's ``\s`` is ASCII only)."""
+"""Unicode White_Space (RE2's class of ASCII spaces plus U+000B, U+0085 and the separators)."""
 NOT_A_SPACE = r"[\t\n\x{0B}\f\r\x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000}]"
 """White_Space other than U+0020."""
 

@@ -362,7 +362,8 @@ def test_the_cli_and_the_flows_build_the_same_snapshot_and_decision(tmp_path, ti
 
 
 # Unicode's White_Space property (PropList.txt), written out: Python's str.isspace adds U+001C-U+001F.
-WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
+               + "\u2028\u2029\u202f\u205f\u3000")
 
 
 def test_prompt_normalisation_is_nfkc_then_each_whitespace_run_as_one_space_trimmed_and_lower_case():
