@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from monitoring.config import MonitorConfig
 from training import packing
 
 
@@ -68,9 +69,10 @@ def _window(request: Request, max_length: int) -> tuple[tuple[int, ...], tuple[i
 
 
 @torch.inference_mode()
-def loglikelihood(model, requests: list[Request], *, batch_tokens: int = 8192, max_length: int = 2048,
-                  pad_id: int = 0, desc: str = "scoring", progress: bool = True,
-                  on_batch: Callable[[int], None] | None = None, share_contexts: bool = True) -> list[Score]:
+def loglikelihood(model, requests: list[Request], *, batch_tokens: int = MonitorConfig.batch_tokens,
+                  max_length: int = MonitorConfig.max_length, pad_id: int = 0, desc: str = "scoring",
+                  progress: bool = True, on_batch: Callable[[int], None] | None = None,
+                  share_contexts: bool = True) -> list[Score]:
     """Score every request; results come back in request order. Requests with the same context share a row
     (``training.packing``), so a multiple-choice item's question is computed once for all its options
     (``share_contexts=False``: a row each, the benchmark's baseline); a batch's padded size stays under
